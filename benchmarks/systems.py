@@ -1,0 +1,219 @@
+"""How to start the stub backend and each system under test in front of it.
+
+Every gateway runs as its users would start it, with two changes made the same way for all:
+logs at warning level (no line per request: vpool writes none either), and no client
+authentication (vpool serves 127.0.0.1 open when no key is configured; LiteLLM needs
+`dangerously_permit_weak_or_unset_master_key` for that). vllm-router gets `round_robin`:
+its `power_of_two` refuses a single worker, and with one worker every policy picks it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from cases import MODEL, STUB_DIM, STUB_EVENTS
+from processes import Process, ProcessGroup, StartupError, free_ports, pinning_problem, wait_until
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+SYSTEMS = ("direct", "vpool", "vllm-router", "litellm")
+PEERS = {"vllm-router": "vllm-router", "litellm": "litellm"}  # system -> executable
+REDIS_URL = "redis://127.0.0.1:6379/0"
+STARTUP_TIMEOUT_S = {"vpool": 60.0, "vllm-router": 60.0, "litellm": 120.0}
+
+
+@dataclass
+class Running:
+    """A system ready for load: where to send it, and whose memory is the gateway's."""
+
+    name: str
+    base_url: str
+    pid: int
+    process: Process | None  # None for `direct`, which is the backend itself
+
+
+@dataclass
+class Launch:
+    """What every launcher needs."""
+
+    group: ProcessGroup
+    backend: Running
+    cpu: int | None
+    port_base: int
+    peers_venv: Path | None
+    gateway_processes: int = 1
+
+
+def find_peer(system: str, peers_venv: Path | None) -> Path | None:
+    """A peer's executable: in `--peers-venv`, on PATH, or in the repository's `.peers-venv`."""
+    executable = PEERS[system]
+    candidates = [peers_venv / "bin" / executable] if peers_venv else []
+    on_path = shutil.which(executable)
+    candidates += [Path(on_path)] if on_path else []
+    candidates.append(REPO / ".peers-venv" / "bin" / executable)
+    return next((c for c in candidates if c.is_file() and os.access(c, os.X_OK)), None)
+
+
+def _get_json(url: str) -> object:
+    with urllib.request.urlopen(url, timeout=2) as response:
+        return json.loads(response.read())
+
+
+def _lists_model(base_url: str) -> bool:
+    try:
+        listing = _get_json(base_url + "/v1/models")
+    except (OSError, ValueError):
+        return False
+    data = listing.get("data", []) if isinstance(listing, dict) else []
+    return any(isinstance(m, dict) and m.get("id") == MODEL for m in data)
+
+
+def start_backend(
+    group: ProcessGroup,
+    port: int,
+    cpu: int | None,
+    events: int = STUB_EVENTS,
+    event_delay_ms: float = 0.0,
+) -> Running:
+    argv = [
+        sys.executable, str(HERE / "stub_backend.py"), "--port", str(port), "--model", MODEL,
+        "--events", str(events), "--dim", str(STUB_DIM),
+    ]
+    if event_delay_ms:
+        argv += ["--event-delay-ms", str(event_delay_ms)]
+    process = group.start("stub", argv, cpu)
+    url = f"http://127.0.0.1:{port}"
+    wait_until(process, lambda: _lists_model(url), 30.0, "serving")
+    return Running("direct", url, process.pid, process)
+
+
+def start_system(name: str, launch: Launch) -> Running:
+    """Start `name` in front of the backend and wait until it routes to the stub model."""
+    if name == "direct":
+        return Running("direct", launch.backend.base_url, launch.backend.pid, None)
+    if name == "vpool":
+        process, url = _start_vpool(launch)
+    elif name == "vllm-router":
+        process, url = _start_vllm_router(launch)
+    elif name == "litellm":
+        process, url = _start_litellm(launch)
+    else:
+        raise ValueError(f"unknown system {name}")
+    wait_until(process, lambda: _lists_model(url), STARTUP_TIMEOUT_S[name], f"listing `{MODEL}`")
+    return Running(name, url, process.pid, process)
+
+
+def _start_vpool(launch: Launch) -> tuple[Process, str]:
+    """`vpool up` in one process; with several gateway processes, split mode over Redis
+    (`vpool controller` + `vpool gateway --processes N`), where the gateway is measured."""
+    port, controller_port = free_ports(2, launch.port_base)
+    config = launch.group.log_dir / "vpool.yaml"
+    split = launch.gateway_processes > 1
+    registry = f"registry: {{url: '{REDIS_URL}', key_prefix: 'bench-{os.getpid()}'}}\n" if split else ""
+    config.write_text(
+        f"gateway: {{host: 127.0.0.1, port: {port}, processes: {launch.gateway_processes}}}\n"
+        f"controller: {{host: 127.0.0.1, port: {controller_port}}}\n"
+        f"cache_dir: {launch.group.log_dir / 'vpool-cache'}\n"
+        + registry
+        + "endpoints:\n"
+        f"  - url: {launch.backend.base_url}\n"
+        f"    models: [{MODEL}]\n"
+    )
+    # This interpreter's vpool: `PYTHONPATH=/other/checkout` benchmarks another copy.
+    vpool = [sys.executable, "-m", "vpool.cli"]
+    url = f"http://127.0.0.1:{port}"
+    if not split:
+        return launch.group.start("vpool", [*vpool, "up", "--config", str(config)], launch.cpu, cwd=REPO), url
+    controller = [*vpool, "controller", "--config", str(config)]
+    launch.group.start("vpool-controller", controller, launch.cpu, cwd=REPO)
+    gateway = [*vpool, "gateway", "--config", str(config)]
+    return launch.group.start("vpool", gateway, launch.cpu, cwd=REPO), url
+
+
+def _peer(name: str, launch: Launch) -> Path:
+    executable = find_peer(name, launch.peers_venv)
+    if executable is None:
+        raise StartupError(f"{name} is not installed")
+    return executable
+
+
+def _start_vllm_router(launch: Launch) -> tuple[Process, str]:
+    port, metrics_port = free_ports(2, launch.port_base)
+    argv = [
+        str(_peer("vllm-router", launch)),
+        "--worker-urls", launch.backend.base_url,
+        "--policy", "round_robin",
+        "--host", "127.0.0.1", "--port", str(port),
+        # Its default Prometheus port is fixed (29000): taken if two runs share a machine.
+        "--prometheus-port", str(metrics_port),
+        "--worker-startup-check-interval", "1",
+        "--log-level", "warning",
+    ]
+    return launch.group.start("vllm-router", argv, launch.cpu), f"http://127.0.0.1:{port}"
+
+
+def _start_litellm(launch: Launch) -> tuple[Process, str]:
+    (port,) = free_ports(1, launch.port_base)
+    config = launch.group.log_dir / "litellm.yaml"
+    config.write_text(
+        "model_list:\n"
+        f"  - model_name: {MODEL}\n"
+        f"    litellm_params: {{model: openai/{MODEL}, api_base: '{launch.backend.base_url}/v1', "
+        "api_key: unused}\n"
+        "general_settings:\n"
+        "  dangerously_permit_weak_or_unset_master_key: true\n"
+    )
+    env = {
+        # Never reach the network: the cost map ships inside the package.
+        "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+        "LITELLM_TELEMETRY": "False",
+        # Also sets uvicorn's level, which turns its per-request access log off.
+        "LITELLM_LOG": "WARNING",
+        "LITELLM_MODE": "PRODUCTION",
+    }
+    argv = [str(_peer("litellm", launch)), "--config", str(config), "--host", "127.0.0.1",
+            "--port", str(port), "--num_workers", "1"]
+    return launch.group.start("litellm", argv, launch.cpu, env=env, cwd=launch.group.log_dir), (
+        f"http://127.0.0.1:{port}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Options every benchmark that starts systems shares
+
+
+def add_launch_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--peers-venv", type=Path, help="virtual environment holding vllm-router, litellm")
+    parser.add_argument("--gateway-cpu", type=int, default=1, help="core for the gateway under test")
+    parser.add_argument("--load-cpu", type=int, default=0, help="core for the stub and the load generators")
+    parser.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
+    parser.add_argument("--base-port", type=int, default=18100, help="first port to look for free ones")
+    parser.add_argument("--log-dir", type=Path, help="where process logs go (default: a new temp dir)")
+    parser.add_argument(
+        "--gateway-processes", type=int, default=1,
+        help="vpool gateway processes on one port; >1 runs split mode over Redis at " + REDIS_URL,
+    )  # fmt: skip
+
+
+def cores(args: argparse.Namespace) -> tuple[int | None, int | None, str | None]:
+    """(gateway core, load core, why not pinned): both None when pinning is off or impossible."""
+    if args.no_pin:
+        return None, None, None
+    problem = pinning_problem([args.gateway_cpu, args.load_cpu])
+    if problem:
+        return None, None, f"not pinned to cores: {problem}; figures are noisier"
+    return args.gateway_cpu, args.load_cpu, None
+
+
+def log_directory(args: argparse.Namespace, prefix: str) -> Path:
+    directory: Path = args.log_dir or Path(tempfile.mkdtemp(prefix=prefix))
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory

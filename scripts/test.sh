@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Install everything, make sure Redis answers, run the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh --test
+
+redis_up() { .venv/bin/python -c "import redis,sys; redis.Redis(host='127.0.0.1', port=6379, socket_timeout=1).ping()" 2>/dev/null; }
+if ! redis_up; then
+  if ! command -v redis-server >/dev/null; then
+    echo "Redis is not running and not installed: installing redis-server"
+    (apt-get update -qq && apt-get install -y -qq redis-server) >/dev/null
+  fi
+  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
+  for _ in $(seq 50); do redis_up && break; sleep 0.2; done
+  redis_up || { echo "Redis did not start on 127.0.0.1:6379"; exit 1; }
+fi
+
+# The benchmark smoke test (tests/unit/test_benchmark_smoke.py) drives load with wrk.
+if ! command -v wrk >/dev/null; then
+  echo "wrk is not installed: installing it"
+  (apt-get update -qq && apt-get install -y -qq wrk) >/dev/null
+fi
+
+.venv/bin/ruff check vpool tests benchmarks
+.venv/bin/mypy vpool
+.venv/bin/python -m pytest "$@"

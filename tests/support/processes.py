@@ -1,0 +1,44 @@
+"""Processes and ports shared by the tests that run vpool as real programs."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 right now (nothing listens on it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Proc:
+    """A program a test started, with its log."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> None:
+        """Ask with `sig`, then kill what is left after `timeout`."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.popen.wait(timeout)
+        # A program started in a session of its own (a worker) may leave children behind:
+        # vLLM's engine core outlives a SIGKILLed parent.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        if self.popen.poll() is None:
+            self.popen.kill()
+        self.popen.wait(10)

@@ -1,0 +1,226 @@
+"""Gateways and stub workers on real sockets, each in a thread of its own.
+
+A test starts stub workers with `start_stub`, a gateway with `start_gateway`, and puts
+`WorkerRecord`s for the stubs into the gateway's `MemoryRegistry`. Registry calls run on the
+gateway's own event loop (the registry is not thread-safe), and `add_worker` refreshes the
+gateway's fleet view at once, so a test never waits for a worker it just added.
+
+The plain `gateway` and `stub` fixtures are started once per module and reset before each
+test (registry emptied, stub back to its defaults with nothing received): stopping a uvicorn
+server costs about 0.2 s of its polling, which would otherwise dominate the suite's time.
+Tests that need another configuration, or that stop a server, start their own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.support.stub_worker import RunningServer, StubWorker, serve_in_thread
+from vpool.config import GatewaySettings, ModelSpec, Settings
+from vpool.controller.memory_registry import MemoryRegistry
+from vpool.controller.records import WorkerLoad, WorkerRecord, WorkerState
+from vpool.gateway.app import Gateway, create_gateway_app
+
+MODEL = "tiny-chat"
+API_KEY = "sk-unit-test"
+REFRESH_S = 0.05
+RECORD_TTL_S = 300.0
+
+
+@dataclass
+class GatewayHandle:
+    url: str
+    app: Gateway
+    registry: MemoryRegistry
+    server: RunningServer
+    _ids: Iterator[int]
+
+    def add_worker(
+        self,
+        target: StubWorker | str,
+        models: Sequence[str] = (MODEL,),
+        *,
+        worker_id: str | None = None,
+        state: WorkerState = WorkerState.READY,
+        waiting: int = 0,
+    ) -> WorkerRecord:
+        """Register a stub (or any URL) and make the gateway see it now."""
+        url = target if isinstance(target, str) else target.url
+        if worker_id is None:
+            name = target.name if isinstance(target, StubWorker) else "url"
+            worker_id = f"{name}-{next(self._ids)}"
+        record = WorkerRecord(
+            worker_id=worker_id,
+            url=url,
+            models=list(models),
+            state=state,
+            load=WorkerLoad(waiting=waiting),
+        )
+        self.server.call(self.registry.put(record, RECORD_TTL_S))
+        self.refresh()
+        return record
+
+    def set_state(self, worker_id: str, state: WorkerState) -> None:
+        """Change a record in the registry only: the gateway finds out by itself."""
+        self.server.call(self.registry.set_state(worker_id, state, RECORD_TTL_S))
+
+    def remove(self, worker_id: str) -> None:
+        """Remove a record from the registry only: the gateway finds out by itself."""
+        self.server.call(self.registry.remove(worker_id))
+
+    def refresh(self) -> None:
+        self.server.call(self.app.fleet.refresh())
+
+    def clear(self) -> None:
+        """Empty the registry and the fleet view."""
+
+        async def remove_all() -> None:
+            for record in await self.registry.list_workers():
+                await self.registry.remove(record.worker_id)
+
+        self.server.call(remove_all())
+        self.refresh()
+
+
+GatewayFactory = Callable[..., GatewayHandle]
+StubFactory = Callable[..., StubWorker]
+
+
+class Servers:
+    """Servers started for a test (or a module), all stopped at its end.
+
+    All are asked to stop first and then waited for: uvicorn notices a stop request only on
+    its next tick, and waiting for each in turn would add that up.
+    """
+
+    def __init__(self, stack: contextlib.ExitStack) -> None:
+        self._stack = stack
+        self._started: list[RunningServer] = []
+
+    def serve(self, app: Any) -> RunningServer:
+        server = self._stack.enter_context(serve_in_thread(app))
+        self._started.append(server)
+        return server
+
+    def stub(self, stub: StubWorker) -> StubWorker:
+        self._stack.enter_context(stub.running())
+        self._started.append(stub.server)
+        return stub
+
+    def gateway(
+        self,
+        *,
+        api_keys: Sequence[str] = (),
+        catalog: Sequence[str] = (),
+        max_body_bytes: int = 64 * 1024,
+        max_attempts: int = 2,
+        read_timeout_s: float = 10.0,
+        **gateway_settings: Any,
+    ) -> GatewayHandle:
+        """A gateway over a registry of its own; `gateway_settings` are more GatewaySettings."""
+        gateway_settings.setdefault("connect_timeout_s", 2.0)
+        settings = Settings(
+            gateway=GatewaySettings(
+                api_keys=list(api_keys),
+                refresh_interval_s=REFRESH_S,
+                max_body_bytes=max_body_bytes,
+                max_attempts=max_attempts,
+                read_timeout_s=read_timeout_s,
+                **gateway_settings,
+            ),
+            models=[ModelSpec(name=name, model=f"builtin:{name}") for name in catalog],
+        )
+        registry = MemoryRegistry()
+        app = create_gateway_app(settings, registry)
+        server = self.serve(app)
+        return GatewayHandle(server.url, app, registry, server, itertools.count(1))
+
+    def request_stop(self) -> None:
+        for server in self._started:
+            server.request_stop()
+
+
+@contextlib.contextmanager
+def server_group() -> Iterator[Servers]:
+    with contextlib.ExitStack() as stack:
+        group = Servers(stack)
+        try:
+            yield group
+        finally:
+            group.request_stop()
+
+
+@pytest.fixture
+def servers() -> Iterator[Servers]:
+    with server_group() as group:
+        yield group
+
+
+@pytest.fixture(scope="module")
+def module_servers() -> Iterator[Servers]:
+    with server_group() as group:
+        yield group
+
+
+@pytest.fixture
+def start_stub(servers: Servers) -> StubFactory:
+    def start(name: str = "stub", **options: Any) -> StubWorker:
+        return servers.stub(StubWorker(name, **options))
+
+    return start
+
+
+@pytest.fixture
+def start_gateway(servers: Servers) -> GatewayFactory:
+    return servers.gateway
+
+
+@pytest.fixture(scope="module")
+def shared_stub(module_servers: Servers) -> StubWorker:
+    return module_servers.stub(StubWorker("stub"))
+
+
+@pytest.fixture(scope="module")
+def shared_gateway(module_servers: Servers) -> GatewayHandle:
+    return module_servers.gateway()
+
+
+@pytest.fixture
+def stub(shared_stub: StubWorker) -> StubWorker:
+    """A running stub worker with default behaviour that has received nothing yet."""
+    shared_stub.reset()
+    return shared_stub
+
+
+@pytest.fixture
+def gateway(shared_gateway: GatewayHandle, stub: StubWorker) -> GatewayHandle:
+    """An open gateway whose registry holds exactly one READY worker: `stub`, serving MODEL."""
+    shared_gateway.clear()
+    shared_gateway.add_worker(stub)
+    return shared_gateway
+
+
+@pytest.fixture(scope="module")
+def http() -> Iterator[httpx.Client]:
+    with httpx.Client(timeout=10) as client:
+        yield client
+
+
+def assert_openai_error(resp: httpx.Response, status: int) -> dict[str, Any]:
+    """The response is `status` with exactly the OpenAI error body; returns the error."""
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"].startswith("application/json")
+    body = resp.json()
+    assert set(body) == {"error"}, body
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert isinstance(error["message"], str) and error["message"]
+    assert isinstance(error["type"], str) and error["type"]
+    return error

@@ -1,0 +1,261 @@
+"""vpool's configuration: one YAML file, every field overridable by `VPOOL_...` variables.
+
+Precedence, highest first: command-line flags, environment variables
+(`VPOOL_GATEWAY__PORT=9000`, nested with `__`; plus the shorthands `VPOOL_API_KEYS=a,b`
+and `VPOOL_REGISTRATION_TOKEN=t`), the YAML file, the defaults below.
+"""
+
+from __future__ import annotations
+
+import os
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+# How the gateway picks among a model's ready workers: see vpool/gateway/routing.py.
+RoutingName = Literal["least_outstanding", "power_of_two", "round_robin"]
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message says which field and why."""
+
+
+class ModelTimeouts(BaseModel):
+    """Timeouts for one model, each falling back to the gateway's own when not given."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    connect_timeout_s: float | None = Field(None, gt=0)
+    first_byte_timeout_s: float | None = Field(None, gt=0)
+    read_timeout_s: float | None = Field(None, gt=0)
+
+
+class GatewaySettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_keys: list[str] = Field(default_factory=list)
+    # Serving a non-loopback address with no key must be asked for explicitly.
+    no_auth: bool = False
+    max_body_bytes: int = Field(16 * 1024 * 1024, gt=0)
+    # How often the gateway re-reads the fleet from the registry.
+    refresh_interval_s: float = Field(0.5, gt=0)
+    connect_timeout_s: float = Field(5.0, gt=0)
+    # Until the worker's response head; for an answer that is not streamed that is the whole
+    # generation. Unset: the read timeout.
+    first_byte_timeout_s: float | None = Field(None, gt=0)
+    # Between two reads once the head is in. Generous by default: a long generation may go
+    # quiet between tokens on a loaded engine.
+    read_timeout_s: float = Field(600.0, gt=0)
+    # The three timeouts for some models, by model name (a catalog model's aliases follow it).
+    model_timeouts: dict[str, ModelTimeouts] = Field(default_factory=dict)
+    # Tries per request, on different workers, while nothing has reached the client: after a
+    # connection refused, reset or timed out, no answer in time, or a 502/503 answer.
+    max_attempts: int = Field(2, ge=1)
+    # Pause before a retry: this times the attempts made so far (50 ms, then 100 ms, ...).
+    retry_backoff_s: float = Field(0.05, ge=0)
+    # A worker failing this many requests in a row leaves this gateway's rotation for
+    # `eject_cooldown_s`, then takes one trial request; each failed trial doubles the
+    # cooldown, up to `eject_max_cooldown_s`. 0: never eject. See vpool/gateway/ejection.py.
+    eject_after_failures: int = Field(3, ge=0)
+    eject_cooldown_s: float = Field(10.0, gt=0)
+    eject_max_cooldown_s: float = Field(60.0, gt=0)
+    # least_outstanding measured best (benchmarks/README.md, "Routing quality");
+    # power_of_two may suit many gateways sharing stale load figures.
+    routing: RoutingName = "least_outstanding"
+    # Processes sharing the port (SO_REUSEPORT); more than one needs a shared registry.
+    processes: int = Field(1, ge=1, le=64)
+
+    @field_validator("api_keys")
+    @classmethod
+    def _no_blank_keys(cls, keys: list[str]) -> list[str]:
+        return [k.strip() for k in keys if k.strip()]
+
+    @model_validator(mode="after")
+    def _no_open_public_bind(self) -> GatewaySettings:
+        if self.host not in LOOPBACK_HOSTS and not self.api_keys and not self.no_auth:
+            raise ValueError(
+                f"refusing to serve {self.host} with no API key: set gateway.api_keys "
+                "(or VPOOL_API_KEYS), or pass --no-auth to serve it open on purpose"
+            )
+        return self
+
+    @property
+    def is_open(self) -> bool:
+        return not self.api_keys
+
+
+class ControllerSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = Field(8001, ge=0, le=65535)
+    registration_token: str | None = None
+    heartbeat_interval_s: float = Field(1.0, gt=0)
+    # A worker that misses this many heartbeats drops out of routing.
+    expiry_intervals: int = Field(3, ge=1)
+    health_probe_timeout_s: float = Field(5.0, gt=0)
+
+    @property
+    def worker_ttl_s(self) -> float:
+        return self.heartbeat_interval_s * self.expiry_intervals
+
+
+class RegistrySettings(BaseModel):
+    url: str = "memory://"
+    key_prefix: str = "vpool"
+    # Every Redis call is bounded: a frozen Redis must not freeze the gateway.
+    timeout_s: float = Field(1.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, url: str) -> str:
+        if not url.startswith(("memory://", "redis://", "rediss://", "unix://")):
+            raise ValueError("registry.url must start with memory://, redis://, rediss:// or unix://")
+        return url
+
+
+class ModelSpec(BaseModel):
+    """One model in the catalog: what a worker loads and the names it answers to."""
+
+    name: str = Field(min_length=1)
+    model: str = Field(min_length=1, description="local path, hub id, or builtin:<name>")
+    aliases: list[str] = Field(default_factory=list)
+    runner: Literal["generate", "pooling"] = "generate"
+    tensor_parallel_size: int = Field(1, ge=1)
+    pipeline_parallel_size: int = Field(1, ge=1)
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    max_model_len: int | None = Field(None, gt=0)
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    chat_template: Path | None = None
+    replicas: int = Field(1, ge=0)
+    engine_args: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def served_names(self) -> list[str]:
+        return [self.name, *[a for a in self.aliases if a != self.name]]
+
+
+class EndpointSpec(BaseModel):
+    """An OpenAI-compatible server vpool did not start (`vllm serve`, SGLang, ...)."""
+
+    url: str = Field(min_length=1)
+    models: list[str] = Field(min_length=1)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError("endpoint url must start with http:// or https://")
+        return url.rstrip("/")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vpool"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="VPOOL_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    controller: ControllerSettings = Field(default_factory=ControllerSettings)
+    registry: RegistrySettings = Field(default_factory=RegistrySettings)
+    models: list[ModelSpec] = Field(default_factory=list)
+    endpoints: list[EndpointSpec] = Field(default_factory=list)
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Command-line flags arrive as init data; then the environment; then the file.
+        return (init_settings, env_settings, _FileSource(settings_cls))
+
+    @model_validator(mode="after")
+    def _unique_model_names(self) -> Settings:
+        seen: set[str] = set()
+        for spec in self.models:
+            for name in spec.served_names:
+                if name in seen:
+                    raise ValueError(f"model name `{name}` appears twice in the catalog")
+                seen.add(name)
+        return self
+
+    def catalog_names(self) -> set[str]:
+        """Every model name the configuration promises, served yet or not."""
+        names = {n for spec in self.models for n in spec.served_names}
+        names.update(n for ep in self.endpoints for n in ep.models)
+        return names
+
+
+_file_data: ContextVar[dict[str, Any] | None] = ContextVar("vpool_config_file_data", default=None)
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    """The YAML file's data, below the environment in precedence."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return (_file_data.get() or {}).get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_file_data.get() or {})
+
+
+def _shorthand_env() -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    if keys := os.environ.get("VPOOL_API_KEYS"):
+        overrides.setdefault("gateway", {})["api_keys"] = [k for k in keys.split(",") if k.strip()]
+    if token := os.environ.get("VPOOL_REGISTRATION_TOKEN"):
+        overrides.setdefault("controller", {})["registration_token"] = token
+    return overrides
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Read the YAML file (if any), apply the environment, then `overrides` (CLI flags)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file not found: {path}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at its top level")
+        data = loaded
+    data = _deep_merge(data, _shorthand_env())
+    token = _file_data.set(data)
+    try:
+        return Settings(**(overrides or {}))
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from exc
+    finally:
+        _file_data.reset(token)
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = ["invalid configuration:"]
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"  {where}: {err['msg']}")
+    return "\n".join(lines)

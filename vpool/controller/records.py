@@ -1,0 +1,51 @@
+"""What the registry stores about a worker: pydantic records shared by every process."""
+
+from __future__ import annotations
+
+import time
+from enum import Enum
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class WorkerState(str, Enum):
+    """LAUNCHING → READY → DRAINING → GONE, or FAILED. Only READY workers get traffic."""
+
+    LAUNCHING = "LAUNCHING"
+    READY = "READY"
+    DRAINING = "DRAINING"
+    FAILED = "FAILED"
+    GONE = "GONE"
+
+
+class WorkerLoad(BaseModel):
+    """Read from the engine itself and carried by every heartbeat."""
+
+    running: int = Field(0, ge=0)
+    waiting: int = Field(0, ge=0)
+    kv_cache_usage: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class WorkerInfo(BaseModel):
+    """What a worker is, as it registers: fixed for its life."""
+
+    worker_id: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:-]+$")
+    url: str = Field(min_length=1, pattern=r"^https?://")
+    # Served names: the first is the primary one, the rest are aliases.
+    models: list[str] = Field(min_length=1)
+    model_path: str = ""
+    runner: Literal["generate", "pooling"] = "generate"
+    tensor_parallel_size: int = Field(1, ge=1)
+    pipeline_parallel_size: int = Field(1, ge=1)
+    # "external": a server vpool did not start; the controller heartbeats for it.
+    kind: Literal["vpool", "external"] = "vpool"
+
+
+class WorkerRecord(WorkerInfo):
+    """A worker as the registry holds it: identity plus state, liveness and load."""
+
+    state: WorkerState = WorkerState.LAUNCHING
+    registered_at: float = Field(default_factory=time.time)
+    last_heartbeat: float = Field(default_factory=time.time)
+    load: WorkerLoad = Field(default_factory=WorkerLoad)

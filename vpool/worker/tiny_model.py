@@ -1,0 +1,148 @@
+"""`tiny-chat`: a tiny Llama with random weights, made locally so nothing is downloaded.
+
+It talks nonsense; it exists so that the whole serving path (tokenizer, chat template,
+engine, streaming) runs anywhere in about a minute. The tokenizer is a small byte-level BPE
+trained on text that ships with Python. Generation is deterministic (fixed seed) and atomic:
+it is built in a temporary sibling directory and renamed into place, so a crash never leaves
+a half-made model behind; a file lock makes racing processes build it once, not once each.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+MODEL_DIR_NAME = "tiny-chat-v1"
+SPECIAL_TOKENS = ["<s>", "</s>", "<unk>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+# Content may be a string or a list of OpenAI content parts (only text parts are rendered).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% elif message['content'] is not none %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+REQUIRED_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+)
+
+
+def ensure_tiny_chat_model(cache_dir: Path) -> Path:
+    """The model directory under `cache_dir`, generated on first use; safe across processes."""
+    target = Path(cache_dir) / "models" / MODEL_DIR_NAME
+    if _complete(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{MODEL_DIR_NAME}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        if _complete(target):  # another process made it while we waited
+            return target
+        for stale in target.parent.glob(f".{MODEL_DIR_NAME}-*"):  # left by a crashed builder
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{MODEL_DIR_NAME}-", dir=target.parent))
+        try:
+            _generate(staging)
+            for path in staging.iterdir():  # mkdtemp and safetensors make files private
+                os.chmod(path, 0o644)
+            os.chmod(staging, 0o755)
+            shutil.rmtree(target, ignore_errors=True)  # an incomplete leftover, never a good one
+            try:
+                os.rename(staging, target)
+            except OSError:
+                if not _complete(target):  # lost a race to a builder without the lock
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _complete(path: Path) -> bool:
+    return all((path / name).is_file() for name in REQUIRED_FILES)
+
+
+def _corpus() -> list[str]:
+    """English text that ships with every Python: module, class and function docstrings."""
+    import argparse
+    import asyncio
+    import collections
+    import json
+    import pathlib
+    import textwrap
+    import unittest
+
+    texts: list[str] = []
+    for module in (argparse, asyncio, collections, json, pathlib, textwrap, unittest, os, shutil):
+        texts.append(module.__doc__ or "")
+        for name in dir(module):
+            doc = getattr(getattr(module, name, None), "__doc__", None)
+            if isinstance(doc, str):
+                texts.append(doc)
+    return [t for t in texts if t.strip()]
+
+
+def _generate(out: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=2048,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_corpus(), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<s>",
+        eos_token="<|end|>",  # the chat template closes every turn with it
+        unk_token="<unk>",
+        pad_token="<pad>",
+        additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>", "</s>"],
+        model_max_length=2048,
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(out)
+
+    eos_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|end|>", "</s>")]
+    ids = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": eos_ids,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,  # head_dim 64: vLLM's CPU attention kernels need 64 or more
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+        **ids,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    config.architectures = ["LlamaForCausalLM"]
+    config.save_pretrained(out)
+    GenerationConfig(**ids).save_pretrained(out)
+    # safetensors directly rather than save_pretrained: same file, no progress bar on stderr.
+    weights = {name: t.to(torch.bfloat16).contiguous() for name, t in model.state_dict().items()}
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
