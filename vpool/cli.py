@@ -186,7 +186,8 @@ def worker(
     dtype: Annotated[
         str,
         typer.Option(
-            help="auto | bfloat16 | float16 | float32. auto: bfloat16 on compute capability 8+, else float16."
+            help="auto | bfloat16 | float16 | float32. auto: bfloat16 on GPUs of compute capability 8+,"
+            " float16 on older GPUs; on the CPU float32 unless it has bfloat16 instructions."
         ),
     ] = "auto",
     max_model_len: Annotated[int | None, typer.Option(min=1)] = None,
@@ -249,7 +250,7 @@ def worker(
         drain_delay_s=drain_delay,
         drain_timeout_s=drain_timeout,
     )
-    asyncio.run(run_worker(options))
+    raise typer.Exit(asyncio.run(run_worker(options)))
 
 
 def _parse_engine_args(pairs: list[str]) -> dict[str, Any]:

@@ -8,6 +8,7 @@
      ├── NotFound                   404 invalid_request_error
      │    └── ModelNotFound         404 invalid_request_error / model_not_found
      ├── NoWorkerAvailable          503 service_unavailable (with Retry-After)
+     ├── EngineUnavailable          503 service_unavailable (a worker whose engine died)
      ├── UpstreamError              502 upstream_error
      └── UpstreamTimeout            504 timeout
 
@@ -96,6 +97,19 @@ class NoWorkerAvailable(VpoolError):
             f"No ready worker serves the model `{model}` right now; retry shortly.",
             param="model",
             headers={"Retry-After": str(retry_after_s)},
+        )
+
+
+class EngineUnavailable(VpoolError):
+    status_code = 503
+    error_type = "service_unavailable"
+    default_code = "engine_unavailable"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "This worker's vLLM engine has stopped; it is leaving the pool. Retry: a gateway"
+            " sends the request to another worker.",
+            headers={"Retry-After": "1"},
         )
 
 

@@ -1,4 +1,4 @@
-"""A real fleet for the whole session: Redis, a controller, two gateways, five vLLM engines.
+"""A real fleet for the whole session: Redis, a controller, two gateways, six vLLM engines.
 
 Everything runs as it would for a team in split mode: separate processes started with the
 `vpool` command, talking over real sockets, sharing a real Redis under a key prefix of
@@ -6,8 +6,9 @@ this session's own. Engines start once per session, all at once (about two minut
 two cores), and every integration test shares them.
 
     tiny-chat     workers tiny-a, tiny-b       (replicas for the routing tests)
-    tiny-chat-ha  workers ha-c, ha-d           (one is killed, the other drained)
-    minilm        worker embed-e               (all-MiniLM-L6-v2, 384-d embeddings)
+    tiny-chat-ha  workers ha-c, ha-d, ha-e     (one loses its engine, one is killed,
+                                                one is drained)
+    minilm        worker embed-f               (all-MiniLM-L6-v2, 384-d embeddings)
 """
 
 from __future__ import annotations
@@ -135,7 +136,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Ite
             "tiny-b": ["--served-name", "tiny-chat", *chat],
             "ha-c": ["--served-name", "tiny-chat-ha", *chat],
             "ha-d": ["--served-name", "tiny-chat-ha", "--drain-delay", "0.6", *chat],
-            "embed-e": [
+            "ha-e": ["--served-name", "tiny-chat-ha", *chat],
+            "embed-f": [
                 "--model",
                 "builtin:all-MiniLM-L6-v2",
                 "--served-name",

@@ -23,7 +23,7 @@ def test_admin_view_lists_workers_with_model_url_tp_state_heartbeat_and_load(fle
     assert a["state"] == "READY"
     assert time.time() - a["last_heartbeat"] < 5
     assert set(a["load"]) == {"running", "waiting", "kv_cache_usage"}
-    assert workers["embed-e"]["runner"] == "pooling"
+    assert workers["embed-f"]["runner"] == "pooling"
 
 
 def test_admin_view_needs_the_registration_token(fleet) -> None:

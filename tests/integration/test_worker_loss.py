@@ -1,15 +1,20 @@
-"""Losing workers: killed outright, or drained by SIGTERM. Runs in file order: the kill
-test leaves one `tiny-chat-ha` replica, which the drain test then takes down."""
+"""Losing workers: an engine that dies, a worker killed outright, one drained by SIGTERM.
+
+Runs in file order on the three `tiny-chat-ha` replicas: ha-e loses its engine, ha-c is
+killed, and the drain test then takes down the last one, ha-d."""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 import time
 
 import httpx
 import pytest
+
+from tests.support.processes import child_pids
 
 pytestmark = pytest.mark.integration
 
@@ -19,6 +24,45 @@ EXPIRY_WINDOW_S = 3.0 + 1.0  # three heartbeats, plus a gateway refresh and marg
 
 def _ready_ids(fleet) -> set[str]:
     return {w["worker_id"] for w in fleet.admin_workers() if w["state"] == "READY"}
+
+
+def _worker_url(fleet, worker_id: str) -> str:
+    return next(w["url"] for w in fleet.admin_workers() if w["worker_id"] == worker_id)
+
+
+def test_worker_whose_engine_dies_answers_503_and_leaves_the_pool(fleet, http: httpx.Client) -> None:
+    assert {"ha-c", "ha-d", "ha-e"} <= _ready_ids(fleet)
+    worker = fleet.workers["ha-e"]
+    url = _worker_url(fleet, "ha-e")
+    [engine_core] = child_pids(worker.popen.pid, "EngineCor")
+    in_flight: list[httpx.Response] = []
+    long_request = {**HA, "max_tokens": 900, "ignore_eos": True}
+    chat_url = f"{url}/v1/chat/completions"
+    asker = threading.Thread(
+        target=lambda: in_flight.append(httpx.post(chat_url, json=long_request, timeout=60))
+    )
+    asker.start()
+    time.sleep(0.5)  # the long request is generating
+
+    os.kill(engine_core, signal.SIGKILL)  # as the OOM killer would
+    killed_at = time.monotonic()
+    asker.join(60)
+    # What a gateway sees, in flight and after: a retryable 503, not vLLM's bare 500.
+    [answer] = in_flight
+    assert answer.status_code == 503, answer.text
+    assert answer.json()["error"]["code"] == "engine_unavailable"
+
+    failures = []
+    while worker.popen.poll() is None and time.monotonic() - killed_at < 30:
+        resp = http.post("/v1/chat/completions", json=HA)
+        if resp.status_code != 200:
+            failures.append((resp.status_code, resp.text))
+        time.sleep(0.1)
+    assert failures == []  # the gateway retried elsewhere: clients saw nothing
+
+    assert worker.popen.wait(timeout=30) == 1  # a launcher restarts a worker that exits 1
+    assert "ha-e" not in _ready_ids(fleet)
+    assert "engine of ha-e died" in worker.log_tail()
 
 
 def test_killed_worker_leaves_routing_while_the_other_replica_serves(fleet, http: httpx.Client) -> None:

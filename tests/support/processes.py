@@ -18,6 +18,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def child_pids(pid: int, comm_contains: str) -> list[int]:
+    """Direct children of `pid` whose process name contains `comm_contains` (Linux)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as children:
+        kids = [int(k) for k in children.read().split()]
+    return [k for k in kids if comm_contains in Path(f"/proc/{k}/comm").read_text()]
+
+
 @dataclass
 class Proc:
     """A program a test started, with its log."""

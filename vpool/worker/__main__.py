@@ -37,7 +37,7 @@ def main() -> None:
         cache_dir=args.cache_dir,
         exit_with_parent=True,
     )
-    asyncio.run(run_worker(options))
+    raise SystemExit(asyncio.run(run_worker(options)))
 
 
 if __name__ == "__main__":

@@ -30,9 +30,7 @@ def resolve_model_path(model: str, cache_dir: Path) -> str:
     raise ValueError(f"unknown builtin model `{name}`: choose builtin:{TINY_CHAT} or builtin:{MINILM}")
 
 
-def pick_dtype(
-    requested: str, cuda_capability: tuple[int, int] | None, cpu_has_bf16: bool = True
-) -> str:
+def pick_dtype(requested: str, cuda_capability: tuple[int, int] | None, cpu_has_bf16: bool = True) -> str:
     """`auto` means bfloat16 on GPUs that have it (compute capability 8+), float16 on older
     ones; on the CPU, vLLM's own choice, except float32 where the CPU lacks bfloat16
     instructions (vLLM would pick bfloat16 and run it about 2.5x slower there)."""

@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -22,6 +23,7 @@ import uvicorn
 
 from vpool.config import ModelSpec
 from vpool.controller.schemas import Registration
+from vpool.worker.engine_guard import DeadEngineGuard
 from vpool.worker.model_source import pick_dtype, resolve_model_path
 from vpool.worker.registration import ControllerClient, keep_registered
 
@@ -77,8 +79,12 @@ def _advertised(host: str, port: int, advertise_url: str | None) -> str:
     return f"http://{host}:{port}"
 
 
-async def run_worker(options: WorkerOptions) -> None:
-    """Serve one engine until SIGTERM, registered with the controller if one is given."""
+async def run_worker(options: WorkerOptions) -> int:
+    """Serve one engine until SIGTERM, registered with the controller if one is given.
+
+    Returns the exit code: 0 after a drain, 1 when the engine died under us (a launcher
+    then starts a fresh worker).
+    """
     from vpool.worker.vllm_adapter import cpu_has_bf16, cuda_capability, open_engine
 
     spec = options.spec
@@ -93,19 +99,21 @@ async def run_worker(options: WorkerOptions) -> None:
     async with open_engine(spec, model_path, dtype) as engine:
         stop_requested = asyncio.Event()
         config = uvicorn.Config(
-            engine.app,
+            DeadEngineGuard(engine.app, engine.engine_dead),
             log_level="warning",
             access_log=False,
             timeout_graceful_shutdown=int(options.drain_timeout_s),
             timeout_keep_alive=30,
         )
         server = _DrainingServer(config, stop_requested)
+        # vLLM's handler for a dead engine stops this server (it looks for it here).
+        engine.app.state.server = server
         serving = asyncio.create_task(server.serve(sockets=[sock]))
         while not server.started and not serving.done():
             await asyncio.sleep(0.05)
         if serving.done():
             await serving  # raises what made uvicorn fail to start
-            return
+            return 1
 
         client = (
             ControllerClient(options.controller_url, options.registration_token)
@@ -126,32 +134,46 @@ async def run_worker(options: WorkerOptions) -> None:
             heartbeats = asyncio.create_task(keep_registered(client, registration, engine.read_load))
         print(f"vpool worker {worker_id} serving {spec.name} on {url}", flush=True)
 
-        if options.exit_with_parent:
-            watchdog = asyncio.create_task(_set_when_orphaned(stop_requested))
-        stop_wait = asyncio.create_task(stop_requested.wait())
-        await asyncio.wait({serving, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-        stop_wait.cancel()
-        if options.exit_with_parent:
-            watchdog.cancel()
+        orphaned = _orphaned() if options.exit_with_parent else (lambda: False)
+        watchers = [
+            asyncio.create_task(stop_requested.wait()),
+            asyncio.create_task(_wait_until(engine.engine_dead)),
+            asyncio.create_task(_wait_until(orphaned)),
+        ]
+        await asyncio.wait({serving, *watchers}, return_when=asyncio.FIRST_COMPLETED)
+        for watcher in watchers:
+            watcher.cancel()
         if heartbeats is not None:
             heartbeats.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeats
-        if not serving.done():
+        engine_died = engine.engine_dead()
+        if engine_died:
+            # Nothing in flight can finish: leave routing at once rather than drain.
+            log.error("the vLLM engine of %s died: leaving the fleet and exiting", worker_id)
+            server.should_exit = True
+            await serving
+        elif not serving.done():
+            if orphaned():
+                log.warning("the launcher that started %s is gone: draining and exiting", worker_id)
             await _drain(server, serving, client, worker_id, options.drain_delay_s)
         if client is not None:
             with contextlib.suppress(Exception):
                 await client.deregister(worker_id)
             await client.aclose()
         log.info("worker %s stopped", worker_id)
+        return 1 if engine_died else 0
 
 
-async def _set_when_orphaned(event: asyncio.Event, interval_s: float = 1.0) -> None:
-    parent = os.getppid()
-    while os.getppid() == parent:
+async def _wait_until(condition: Callable[[], bool], interval_s: float = 0.5) -> None:
+    while not condition():
         await asyncio.sleep(interval_s)
-    log.warning("the launcher (pid %s) is gone: draining and exiting", parent)
-    event.set()
+
+
+def _orphaned() -> Callable[[], bool]:
+    """True once the process that started us is gone (we were re-parented)."""
+    parent = os.getppid()
+    return lambda: os.getppid() != parent
 
 
 async def _drain(

@@ -27,6 +27,8 @@ class EngineApp:
 
     app: FastAPI
     read_load: Callable[[], WorkerLoad]
+    # True once the engine-core process has died: nothing this worker serves can succeed.
+    engine_dead: Callable[[], bool]
 
 
 class _LoadProbe:
@@ -186,6 +188,6 @@ async def open_engine(spec: ModelSpec, model_path: str, dtype: str) -> AsyncIter
             return {**read_load().model_dump(), "unfinished": engine.get_num_unfinished_requests()}
 
         app.add_api_route("/vpool/load", load_now, methods=["GET"])
-        yield EngineApp(app=app, read_load=read_load)
+        yield EngineApp(app=app, read_load=read_load, engine_dead=lambda: engine.errored)
     finally:
         engine.shutdown()

@@ -1,0 +1,57 @@
+"""Answer 503 once the engine has died, so gateways retry elsewhere instead of relaying 500s.
+
+When vLLM's engine-core process dies (killed, out of memory, a crashed kernel), vLLM
+answers every request with a 500 that names no cause a client can act on. The worker is
+about to leave the pool (see `server.run_worker`); until it has, this guard turns those
+answers into a 503 `engine_unavailable`, which a gateway retries on another replica
+before the client has seen a byte. Streams already under way end with vLLM's error event.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from vpool.errors import EngineUnavailable
+
+Scope = dict[str, Any]
+Receive = Callable[[], Any]
+Send = Callable[[dict[str, Any]], Any]
+
+
+class DeadEngineGuard:
+    """ASGI middleware over vLLM's app."""
+
+    def __init__(self, app: Callable[..., Any], engine_dead: Callable[[], bool]) -> None:
+        self.app = app
+        self.engine_dead = engine_dead
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.engine_dead():
+            await _send_unavailable(send)
+            return
+        replaced = False
+
+        async def send_or_replace(message: dict[str, Any]) -> None:
+            nonlocal replaced
+            if message["type"] == "http.response.start":
+                # A 500 born of the engine's death, before any byte reached the client.
+                replaced = message["status"] == 500 and self.engine_dead()
+                if replaced:
+                    await _send_unavailable(send)
+                    return
+            if not replaced:
+                await send(message)
+
+        await self.app(scope, receive, send_or_replace)
+
+
+async def _send_unavailable(send: Send) -> None:
+    error = EngineUnavailable()
+    headers = [(b"content-type", b"application/json")]
+    headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
+    await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": error.json()})
