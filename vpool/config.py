@@ -43,6 +43,9 @@ class GatewaySettings(BaseModel):
     # Serving a non-loopback address with no key must be asked for explicitly.
     no_auth: bool = False
     max_body_bytes: int = Field(16 * 1024 * 1024, gt=0)
+    # A request's head and body must arrive within this from its first byte: a client that
+    # drips bytes to hold a connection open gets a 408 and is closed.
+    request_read_timeout_s: float = Field(60.0, gt=0)
     # How often the gateway re-reads the fleet from the registry.
     refresh_interval_s: float = Field(0.5, gt=0)
     connect_timeout_s: float = Field(5.0, gt=0)

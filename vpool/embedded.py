@@ -13,6 +13,7 @@ import logging
 from rich.console import Console
 from rich.live import Live
 
+from vpool.background import cancel_and_wait
 from vpool.config import ModelSpec, Settings
 from vpool.console import progress_table, ready_panel
 from vpool.controller.app import create_controller_app
@@ -72,9 +73,7 @@ async def run_up(settings: Settings, console: Console) -> int:
             console.print(ready_panel(settings, _ready_models(settings, launcher)))
             supervisor = asyncio.create_task(launcher.supervise())
             await stop.wait()
-            supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await supervisor
+            await cancel_and_wait(supervisor)
     finally:
         console.print("Stopping: workers drain, then exit…")
         await launcher.stop_all()

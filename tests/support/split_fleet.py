@@ -44,7 +44,11 @@ def _vpool(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with log.open("wb") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "vpool.cli", *args], env=env, stdout=out, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "vpool.cli", *args],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its gateway processes can be killed with it, as a group
         )
 
 
@@ -84,7 +88,10 @@ def split_fleet(
         for proc in (gateway, controller):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-                try:
+                with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of it, children included
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)

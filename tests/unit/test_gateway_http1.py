@@ -5,10 +5,14 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import threading
+import time
 from urllib.parse import urlsplit
 
+import pytest
+
 from tests.support.stub_worker import StubWorker
-from tests.unit.conftest import MODEL, GatewayHandle
+from tests.unit.conftest import MODEL, GatewayFactory, GatewayHandle
 
 CHAT = b"/v1/chat/completions"
 
@@ -194,3 +198,48 @@ def test_a_long_pipeline_is_answered_in_full(gateway: GatewayHandle) -> None:
         responses = _responses(_read_to_eof(sock))
     assert len(responses) == count
     assert all(head.startswith(b"HTTP/1.1 200") for head, _ in responses)
+
+
+def _drip(sock: socket.socket, data: bytes, every_s: float) -> None:
+    """Send `data` a byte at a time, as a slowloris client would, until the gateway closes."""
+    with contextlib.suppress(OSError):
+        for byte in data:
+            sock.sendall(bytes([byte]))
+            time.sleep(every_s)
+
+
+@pytest.mark.parametrize("part", ["head", "body"])
+def test_a_request_dripped_too_slowly_gets_408_and_the_connection_closes(
+    start_gateway: GatewayFactory, stub: StubWorker, part: str
+) -> None:
+    gw = start_gateway(request_read_timeout_s=0.5)
+    gw.add_worker(stub)
+    request = _request(_body())
+    sent_at_once = request.index(b"\r\n") if part == "head" else request.index(b"\r\n\r\n") + 4
+    with _connect(gw) as sock:
+        sock.sendall(request[:sent_at_once])
+        dripping = threading.Thread(target=_drip, args=(sock, request[sent_at_once:], 0.2))
+        dripping.start()
+        raw = _read_to_eof(sock)  # the gateway answers, then closes
+        dripping.join()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408")
+    error = json.loads(body)["error"]
+    assert error["code"] == "request_timeout"
+    assert "0.5 s" in error["message"]
+    assert stub.count == 0
+
+
+def test_a_keep_alive_connection_may_wait_between_requests_longer_than_the_read_timeout(
+    start_gateway: GatewayFactory, stub: StubWorker
+) -> None:
+    gw = start_gateway(request_read_timeout_s=0.5)
+    gw.add_worker(stub)
+    with _connect(gw) as sock:
+        sock.sendall(_request(_body()))
+        first = sock.recv(65536)
+        time.sleep(1.6)  # longer than the read timeout and a sweep, shorter than keep-alive
+        sock.sendall(_request(_body(), extra=b"connection: close\r\n"))
+        responses = _responses(first + _read_to_eof(sock))
+    assert [head.split(b"\r\n")[0] for head, _ in responses] == [b"HTTP/1.1 200 OK"] * 2
+    assert stub.count == 2

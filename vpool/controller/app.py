@@ -15,7 +15,6 @@ timeout, workers retry, and `/health` says `degraded`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import TypeVar
@@ -24,6 +23,7 @@ import httpx
 from fastapi import Depends, FastAPI, Request
 
 from vpool.auth import BearerKeys
+from vpool.background import cancel_and_wait
 from vpool.config import ControllerSettings, EndpointSpec
 from vpool.controller.external import EXTERNAL_TTL_S, ExternalProber
 from vpool.controller.probe import probe_health
@@ -69,9 +69,7 @@ def create_controller_app(
             try:
                 yield
             finally:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await cancel_and_wait(task)
 
     async def require_token(request: Request) -> None:
         keys.check(request.headers.get("authorization"))

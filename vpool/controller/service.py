@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
+from vpool.background import cancel_and_wait
 from vpool.config import Settings
 from vpool.controller.app import create_controller_app
 from vpool.controller.launcher import LocalLauncher
@@ -40,9 +40,7 @@ async def run_controller(settings: Settings, launch: bool = True) -> int:
         await stop.wait()
     finally:
         if supervisor is not None:
-            supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await supervisor
+            await cancel_and_wait(supervisor)
         if launcher is not None:
             await launcher.stop_all()
         await stop_servers((server, serving))

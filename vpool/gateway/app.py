@@ -9,13 +9,13 @@ or dependency injection per request (see http1.py for why).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 
 import orjson
 
 from vpool.auth import BearerKeys
+from vpool.background import cancel_and_wait
 from vpool.config import Settings
 from vpool.controller.registry import Registry
 from vpool.errors import InvalidRequest, NotFound, RequestTooLarge, VpoolError
@@ -62,6 +62,10 @@ class Gateway:
         )
         self.limits = ConnectionLimits(
             max_body_bytes=g.max_body_bytes,
+            read_timeout_s=g.request_read_timeout_s,
+            too_slow=InvalidRequest(
+                f"The request did not arrive within {g.request_read_timeout_s:g} s.", code="request_timeout"
+            ).json(),
             too_large=_too_large,
             bad_request=InvalidRequest("Malformed HTTP request.", code="malformed_http").json(),
             head_too_large=InvalidRequest(
@@ -84,9 +88,7 @@ class Gateway:
 
     async def close(self) -> None:
         for task in self._background:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         self.pool.close()
 
     def handle(self, request: IncomingRequest, conn: ClientConnection) -> None:

@@ -63,6 +63,8 @@ class ConnectionLimits:
     (supplied by the gateway, which knows the error format)."""
 
     max_body_bytes: int
+    read_timeout_s: float  # for a whole request, head and body, from its first byte
+    too_slow: bytes  # the 408's body
     too_large: Callable[[int], tuple[int, bytes]]
     bad_request: bytes
     head_too_large: bytes
@@ -92,6 +94,7 @@ class ClientConnection(asyncio.Protocol):
         self._discarded = 0
         self._head_bytes = 0  # of the request being parsed, until its headers are complete
         self._reading_head = False
+        self._reading_since: float | None = None  # the request being read: its first byte
         self._last_request_read = False  # a `Connection: close` request: read nothing after it
         self._awaiting_body: IncomingRequest | None = None  # an `Upgrade:` request's raw body
         self._raw_body_left = 0
@@ -163,6 +166,7 @@ class ClientConnection(asyncio.Protocol):
         self._body = []
         self._body_size = 0
         self._reading_head = True
+        self._reading_since = self._loop.time()
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -193,6 +197,7 @@ class ClientConnection(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        self._reading_since = None
         if self._rejected:
             self.close()  # the client has sent it all and has our answer
             return
@@ -332,6 +337,14 @@ class ClientConnection(asyncio.Protocol):
     @property
     def idle(self) -> bool:
         return self._current is None and not self._pending
+
+    def expire_slow_request(self, now: float) -> None:
+        """Answer 408 and close if the request being read is overdue (a dripping client)."""
+        since = self._reading_since
+        if since is None or self._rejected or self._current is not None:
+            return  # nothing being read, or an answer under way that a 408 would corrupt
+        if now - since > self._limits.read_timeout_s:
+            self._reject(408, self._limits.too_slow, close_now=True)
 
     # internals
 

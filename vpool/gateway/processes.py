@@ -16,6 +16,7 @@ from vpool.config import Settings
 from vpool.controller.registry import open_registry
 from vpool.gateway.app import create_gateway_app
 from vpool.gateway.server import GatewayServer
+from vpool.logs import setup_logging
 from vpool.serving import run, serve_until_signal
 
 
@@ -46,6 +47,7 @@ def serve_gateway(settings: Settings) -> int:
 
 
 def _child(settings: Settings) -> None:
+    setup_logging()  # a spawned process starts with none
     run(_serve_one(settings, reuse_port=True))
 
 

@@ -69,12 +69,19 @@ class GatewayServer:
         finally:
             for server in servers:
                 server.close()
+            log.info("stopping: no new connections; %d open", len(self.connections))
+            started = loop.time()
             await self._drain(loop)
             await gateway.close()
+            log.info("stopped after %.1f s", loop.time() - started)
 
     def _expire_idle(self, now: float) -> None:
-        for conn in [c for c in self.connections if c.idle and now - c.last_active > self.keep_alive_s]:
-            conn.close()
+        """Close idle keep-alive connections, and those dripping a request too slowly."""
+        for conn in list(self.connections):
+            if conn.idle and now - conn.last_active > self.keep_alive_s:
+                conn.close()
+            else:
+                conn.expire_slow_request(now)
 
     async def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
         """Stop taking requests, let open answers (streams too) end, then close the rest."""
