@@ -10,19 +10,17 @@ before the client has seen a byte. Streams already under way end with vLLM's err
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vpool.errors import EngineUnavailable
-
-Scope = dict[str, Any]
-Receive = Callable[[], Any]
-Send = Callable[[dict[str, Any]], Any]
+from vpool.http_errors import error_response
 
 
 class DeadEngineGuard:
     """ASGI middleware over vLLM's app."""
 
-    def __init__(self, app: Callable[..., Any], engine_dead: Callable[[], bool]) -> None:
+    def __init__(self, app: ASGIApp, engine_dead: Callable[[], bool]) -> None:
         self.app = app
         self.engine_dead = engine_dead
 
@@ -31,27 +29,20 @@ class DeadEngineGuard:
             await self.app(scope, receive, send)
             return
         if self.engine_dead():
-            await _send_unavailable(send)
+            await error_response(EngineUnavailable())(scope, receive, send)
             return
         replaced = False
 
-        async def send_or_replace(message: dict[str, Any]) -> None:
+        async def send_or_replace(message: Message) -> None:
             nonlocal replaced
             if message["type"] == "http.response.start":
                 # A 500 born of the engine's death, before any byte reached the client.
                 replaced = message["status"] == 500 and self.engine_dead()
                 if replaced:
-                    await _send_unavailable(send)
+                    await error_response(EngineUnavailable())(scope, receive, send)
                     return
             if not replaced:
                 await send(message)
 
         await self.app(scope, receive, send_or_replace)
 
-
-async def _send_unavailable(send: Send) -> None:
-    error = EngineUnavailable()
-    headers = [(b"content-type", b"application/json")]
-    headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
-    await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
-    await send({"type": "http.response.body", "body": error.json()})

@@ -21,6 +21,7 @@ from types import FrameType
 
 import uvicorn
 
+from vpool.background import cancel_and_wait
 from vpool.config import ModelSpec
 from vpool.controller.schemas import Registration
 from vpool.worker.engine_guard import DeadEngineGuard
@@ -144,9 +145,7 @@ async def run_worker(options: WorkerOptions) -> int:
         for watcher in watchers:
             watcher.cancel()
         if heartbeats is not None:
-            heartbeats.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeats
+            await cancel_and_wait(heartbeats)
         engine_died = engine.engine_dead()
         if engine_died:
             # Nothing in flight can finish: leave routing at once rather than drain.
