@@ -64,12 +64,7 @@ def post(url: str, body: bytes, timeout_s: float = 30.0) -> tuple[int, bytes]:
 def sse_data(body: bytes) -> list[bytes]:
     """The `data:` payloads of an SSE body, in order."""
     events = body.replace(b"\r\n", b"\n").split(b"\n\n")
-    return [
-        line[5:].strip()
-        for event in events
-        for line in event.split(b"\n")
-        if line.startswith(b"data:")
-    ]
+    return [line[5:].strip() for event in events for line in event.split(b"\n") if line.startswith(b"data:")]
 
 
 def check_answer(case: Case, status: int, body: bytes) -> None:

@@ -50,12 +50,18 @@ def main(argv: list[str] | None = None) -> int:
     limit = raise_open_files(max(wanted, args.streams + 4096))
     log_dir = log_directory(args, "vpool-open-streams-")
     seconds = args.events * args.event_delay_ms / 1000
-    print(f"{args.streams} streams of {args.events} events {args.event_delay_ms:g} ms apart "
-          f"(~{seconds:g} s each) through {args.system}; open files {limit}; logs in {log_dir}", flush=True)
+    print(
+        f"{args.streams} streams of {args.events} events {args.event_delay_ms:g} ms apart "
+        f"(~{seconds:g} s each) through {args.system}; open files {limit}; logs in {log_dir}",
+        flush=True,
+    )
     if limit < wanted:
-        print(f"warning: open-files limit {limit} < {wanted}: the gateway may run out of descriptors "
-              "(`Too many open files`); raising the hard limit needs CAP_SYS_RESOURCE "
-              "(`ulimit -Hn 65536` as root), fewer --streams, or vpool --gateway-processes 2", flush=True)
+        print(
+            f"warning: open-files limit {limit} < {wanted}: the gateway may run out of descriptors "
+            "(`Too many open files`); raising the hard limit needs CAP_SYS_RESOURCE "
+            "(`ulimit -Hn 65536` as root), fewer --streams, or vpool --gateway-processes 2",
+            flush=True,
+        )
     if pin_note:
         print(f"note: {pin_note}")
     try:
@@ -63,10 +69,13 @@ def main(argv: list[str] | None = None) -> int:
             pin_self(load_cpu)
             (stub_port,) = free_ports(1, args.base_port)
             backend = start_backend(group, stub_port, load_cpu, args.events, args.event_delay_ms)
-            running = start_system(args.system, Launch(group, backend, gateway_cpu, args.base_port,
-                                                       args.peers_venv, args.gateway_processes))
-            report = run(open_streams(running.base_url, args.streams, running.pid,
-                                      timeout_s=seconds * 3 + 120))
+            running = start_system(
+                args.system,
+                Launch(group, backend, gateway_cpu, args.base_port, args.peers_venv, args.gateway_processes),
+            )
+            report = run(
+                open_streams(running.base_url, args.streams, running.pid, timeout_s=seconds * 3 + 120)
+            )
     except KeyboardInterrupt:
         print("\ninterrupted: every process started was stopped", file=sys.stderr)
         return 130

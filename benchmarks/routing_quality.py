@@ -67,15 +67,11 @@ class Scenario:
 
     def capacity(self, token_delay_ms: float) -> float:
         """Requests per second the fleet completes when every slot is always busy."""
-        return sum(
-            e.slots / (MEAN_TOKENS * token_delay_ms * e.delay_factor / 1000) for e in self.engines
-        )
+        return sum(e.slots / (MEAN_TOKENS * token_delay_ms * e.delay_factor / 1000) for e in self.engines)
 
 
 SCENARIOS = {
-    "homogeneous": Scenario(
-        "homogeneous", "4 identical workers, 4 slots each", (Engine(4),) * 4
-    ),
+    "homogeneous": Scenario("homogeneous", "4 identical workers, 4 slots each", (Engine(4),) * 4),
     "heterogeneous": Scenario(
         "heterogeneous",
         "3 workers with 4 slots + 1 at half speed (4 slots, 2x token delay)",
@@ -163,12 +159,14 @@ async def drive(url: str, traffic: list[Arrival], drain_timeout: float) -> list[
                 await asyncio.sleep(delay)
             body = bodies.get(arrival.tokens)
             if body is None:
-                body = bodies[arrival.tokens] = json.dumps({
-                    "model": MODEL,
-                    "messages": [{"role": "user", "content": "hi"}],
-                    "max_tokens": arrival.tokens,
-                    "stream": True,
-                }).encode()
+                body = bodies[arrival.tokens] = json.dumps(
+                    {
+                        "model": MODEL,
+                        "messages": [{"role": "user", "content": "hi"}],
+                        "max_tokens": arrival.tokens,
+                        "stream": True,
+                    }
+                ).encode()
             tasks.append(asyncio.create_task(send(session, url, body, arrival, start)))
         if tasks:
             await asyncio.wait(tasks, timeout=drain_timeout)
@@ -224,7 +222,9 @@ def summarise(policy: str, runs: list[Run], duration: float, warmup: float) -> R
     e2e = [o.e2e for o in ok if o.e2e is not None]
     window = (duration - warmup) * len(runs)
     completed = sum(
-        1 for run in runs for o in run.outcomes
+        1
+        for run in runs
+        for o in run.outcomes
         if o.finished_at is not None and warmup <= o.finished_at < duration
     )
     errors: dict[str, int] = {}
@@ -293,9 +293,18 @@ def fleet(
         urls = []
         for engine, port in zip(scenario.engines, stub_ports, strict=True):
             cmd = [
-                sys.executable, str(HERE / "stub_backend.py"), "--port", str(port), "--model", MODEL,
-                "--events", "16", "--slots", str(engine.slots),
-                "--token-delay-ms", str(token_delay_ms * engine.delay_factor),
+                sys.executable,
+                str(HERE / "stub_backend.py"),
+                "--port",
+                str(port),
+                "--model",
+                MODEL,
+                "--events",
+                "16",
+                "--slots",
+                str(engine.slots),
+                "--token-delay-ms",
+                str(token_delay_ms * engine.delay_factor),
             ]
             procs.append((subprocess.Popen(cmd, stdout=subprocess.DEVNULL), signal.SIGTERM))
             urls.append(f"http://127.0.0.1:{port}")
@@ -310,7 +319,8 @@ def fleet(
         with log_path.open("wb") as log:
             vpool = subprocess.Popen(
                 [sys.executable, "-m", "vpool.cli", "up", "--config", str(config_path)],
-                stdout=log, stderr=subprocess.STDOUT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
                 cwd=workdir,  # `-m` puts the cwd first on sys.path: PYTHONPATH must win over it
             )
         # Ctrl-C is vpool up's orderly stop.
@@ -366,8 +376,11 @@ def warn_if_policy_ignored(results: list[Result]) -> None:
         if r.policy == "round_robin" and r.worker_share and r.errors == 0:
             counts = [share * r.requests for share in r.worker_share]
             if max(counts) - min(counts) > 2 + 0.01 * r.requests:
-                print("warning: round_robin did not split requests evenly: is gateway.routing "
-                      "wired into this gateway (make_policy in create_gateway_app)?", flush=True)
+                print(
+                    "warning: round_robin did not split requests evenly: is gateway.routing "
+                    "wired into this gateway (make_policy in create_gateway_app)?",
+                    flush=True,
+                )
 
 
 def main() -> None:
@@ -378,15 +391,27 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=3.0, help="first seconds left out of the figures")
     parser.add_argument("--load", type=float, default=0.8, help="offered rate as a fraction of capacity")
     parser.add_argument("--token-delay-ms", type=float, default=25.0, help="a full-speed worker's delay")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1],
-                        help="one traffic sequence per seed; figures pool them all")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="one traffic sequence per seed; figures pool them all",
+    )
     parser.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
     parser.add_argument("--scenarios", nargs="+", choices=list(SCENARIOS), default=list(SCENARIOS))
-    parser.add_argument("--drain-timeout", type=float, default=90.0,
-                        help="after the last arrival, longest wait for requests in flight")
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=90.0,
+        help="after the last arrival, longest wait for requests in flight",
+    )
     parser.add_argument("--json-out", type=Path, help="write every figure here as JSON")
-    parser.add_argument("--smoke", action="store_true",
-                        help="a few seconds, fast tokens, light load: checks the plumbing, not the policies")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a few seconds, fast tokens, light load: checks the plumbing, not the policies",
+    )
     args = parser.parse_args()
     if args.smoke:
         args.duration, args.warmup, args.load, args.token_delay_ms = 2.0, 0.0, 0.3, 5.0
@@ -396,16 +421,25 @@ def main() -> None:
 
     report: dict[str, Any] = {
         "machine": {
-            "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
         },
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "traffic": {"short_share": SHORT_SHARE, "short_tokens": SHORT_TOKENS, "long_tokens": LONG_TOKENS,
-                    "mean_tokens": MEAN_TOKENS},
+        "traffic": {
+            "short_share": SHORT_SHARE,
+            "short_tokens": SHORT_TOKENS,
+            "long_tokens": LONG_TOKENS,
+            "mean_tokens": MEAN_TOKENS,
+        },
         "scenarios": [],
     }
-    print(f"{os.cpu_count()} CPUs; {args.duration:g} s per policy per scenario; "
-          f"max_tokens {SHORT_SHARE:.0%} in {SHORT_TOKENS}, else in {LONG_TOKENS} (mean {MEAN_TOKENS:.1f}); "
-          f"token delay {args.token_delay_ms:g} ms", flush=True)
+    print(
+        f"{os.cpu_count()} CPUs; {args.duration:g} s per policy per scenario; "
+        f"max_tokens {SHORT_SHARE:.0%} in {SHORT_TOKENS}, else in {LONG_TOKENS} (mean {MEAN_TOKENS:.1f}); "
+        f"token delay {args.token_delay_ms:g} ms",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory(prefix="vpool-routing-") as tmp:
         for name in args.scenarios:
             scenario = SCENARIOS[name]
@@ -421,19 +455,25 @@ def main() -> None:
                     runs[policy].append(Run(seed, outcomes, worker_ids))
             results = [summarise(p, runs[p], args.duration, args.warmup) for p in args.policies]
             per_seed = {
-                p: [asdict(summarise(p, [run], args.duration, args.warmup)) | {"seed": run.seed}
-                    for run in runs[p]]
+                p: [
+                    asdict(summarise(p, [run], args.duration, args.warmup)) | {"seed": run.seed}
+                    for run in runs[p]
+                ]
                 for p in args.policies
             }
             print(table(scenario, rate, capacity, results), flush=True)
             warn_if_policy_ignored(results)
-            report["scenarios"].append({
-                "name": name, "description": scenario.description,
-                "engines": [asdict(e) for e in scenario.engines],
-                "capacity_rps": capacity, "offered_rps": rate,
-                "results": [asdict(r) for r in results],
-                "per_seed": per_seed,
-            })
+            report["scenarios"].append(
+                {
+                    "name": name,
+                    "description": scenario.description,
+                    "engines": [asdict(e) for e in scenario.engines],
+                    "capacity_rps": capacity,
+                    "offered_rps": rate,
+                    "results": [asdict(r) for r in results],
+                    "per_seed": per_seed,
+                }
+            )
     if args.json_out:
         args.json_out.write_text(json.dumps(report, indent=2) + "\n")
         print(f"\nwrote {args.json_out}")

@@ -82,8 +82,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=1_000_000, help="requests to drive (at least)")
     parser.add_argument("--chunk-seconds", type=int, default=10, help="wrk run between memory readings")
     parser.add_argument("--concurrency", type=int, default=32, help="wrk connections")
-    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES),
-                        help="cases taken in turn, one per chunk")
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        choices=list(CASES),
+        default=list(CASES),
+        help="cases taken in turn, one per chunk",
+    )
     parser.add_argument("--warmup", type=int, default=5, help="seconds of load before the first reading")
     parser.add_argument("--system", choices=SYSTEMS, default="vpool")
     parser.add_argument("--json-out", type=Path)
@@ -119,9 +124,12 @@ def soak(running: Running, args: argparse.Namespace, load_cpu: int | None, log_d
         state.errors += chunk.errors
         state.seconds = time.monotonic() - started
         left = max(0, args.requests - state.requests) / (state.requests / state.seconds or 1)
-        print(f"  {len(state.chunks):>4}  {chunk.case:<11}{state.requests:>12,} requests  "
-              f"{chunk.rps:>8,.0f} req/s  {state.errors} errors  RSS {mib(chunk.rss_kib)} "
-              f"({state.growth_pct(chunk.rss_kib):+.1f}%)  ~{left:.0f} s left", flush=True)
+        print(
+            f"  {len(state.chunks):>4}  {chunk.case:<11}{state.requests:>12,} requests  "
+            f"{chunk.rps:>8,.0f} req/s  {state.errors} errors  RSS {mib(chunk.rss_kib)} "
+            f"({state.growth_pct(chunk.rss_kib):+.1f}%)  ~{left:.0f} s left",
+            flush=True,
+        )
     return state
 
 
@@ -133,16 +141,21 @@ def main(argv: list[str] | None = None) -> int:
     gateway_cpu, load_cpu, pin_note = cores(args)
     raise_open_files(65536)
     log_dir = log_directory(args, "vpool-soak-")
-    print(f"soak: {args.requests:,} requests through {args.system}, wrk -c{args.concurrency}, "
-          f"{args.chunk_seconds} s chunks of {', '.join(args.cases)}; logs in {log_dir}", flush=True)
+    print(
+        f"soak: {args.requests:,} requests through {args.system}, wrk -c{args.concurrency}, "
+        f"{args.chunk_seconds} s chunks of {', '.join(args.cases)}; logs in {log_dir}",
+        flush=True,
+    )
     if pin_note:
         print(f"note: {pin_note}")
     try:
         with sigterm_as_interrupt(), ProcessGroup(log_dir) as group:
             (stub_port,) = free_ports(1, args.base_port)
             backend = start_backend(group, stub_port, load_cpu)
-            running = start_system(args.system, Launch(group, backend, gateway_cpu, args.base_port,
-                                                       args.peers_venv, args.gateway_processes))
+            running = start_system(
+                args.system,
+                Launch(group, backend, gateway_cpu, args.base_port, args.peers_venv, args.gateway_processes),
+            )
             result = soak(running, args, load_cpu, log_dir)
     except KeyboardInterrupt:
         print("\ninterrupted: every process started was stopped", file=sys.stderr)
@@ -151,16 +164,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     growth = result.growth_pct(result.rss_end_kib)
-    print(f"\n{result.system}: {result.requests:,} requests in {result.seconds:.0f} s, "
-          f"{result.errors} errors")
-    print(f"gateway RSS: start {mib(result.rss_start_kib)} (after warm-up), peak {mib(result.rss_peak_kib)} "
-          f"({result.growth_pct(result.rss_peak_kib):+.1f}%), end {mib(result.rss_end_kib)}")
+    print(
+        f"\n{result.system}: {result.requests:,} requests in {result.seconds:.0f} s, {result.errors} errors"
+    )
+    print(
+        f"gateway RSS: start {mib(result.rss_start_kib)} (after warm-up), peak {mib(result.rss_peak_kib)} "
+        f"({result.growth_pct(result.rss_peak_kib):+.1f}%), end {mib(result.rss_end_kib)}"
+    )
     verdict = "within" if abs(growth) <= TARGET_GROWTH_PCT else "OUTSIDE"
     print(f"growth start -> end: {growth:+.1f}% ({verdict} the {TARGET_GROWTH_PCT:g}% target)")
     print(f"logs: {log_dir}")
     if args.json_out:
-        document = {**asdict(result), "rss_peak_kib": result.rss_peak_kib, "rss_end_kib": result.rss_end_kib,
-                    "growth_pct": round(growth, 2)}
+        document = {
+            **asdict(result),
+            "rss_peak_kib": result.rss_peak_kib,
+            "rss_end_kib": result.rss_end_kib,
+            "growth_pct": round(growth, 2),
+        }
         args.json_out.write_text(json.dumps(document, indent=2) + "\n")
         print(f"results: {args.json_out}")
     return 0

@@ -39,8 +39,14 @@ HEALTH = b"/health"
 
 def _http(status: bytes, content_type: bytes, body: bytes) -> bytes:
     return (
-        b"HTTP/1.1 " + status + b"\r\ncontent-type: " + content_type
-        + b"\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        b"HTTP/1.1 "
+        + status
+        + b"\r\ncontent-type: "
+        + content_type
+        + b"\r\ncontent-length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
     )
 
 
@@ -67,24 +73,39 @@ class Answers:
         now = int(time.time())
         usage = {"prompt_tokens": 8, "completion_tokens": events, "total_tokens": 8 + events}
         chat = {
-            "id": "chatcmpl-stub", "object": "chat.completion", "created": now, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi " * events},
-                         "finish_reason": "length", "logprobs": None}],
+            "id": "chatcmpl-stub",
+            "object": "chat.completion",
+            "created": now,
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "hi " * events},
+                    "finish_reason": "length",
+                    "logprobs": None,
+                }
+            ],
             "usage": usage,
         }
         completion = {
-            "id": "cmpl-stub", "object": "text_completion", "created": now, "model": model,
+            "id": "cmpl-stub",
+            "object": "text_completion",
+            "created": now,
+            "model": model,
             "choices": [{"index": 0, "text": "hi " * events, "finish_reason": "length", "logprobs": None}],
             "usage": usage,
         }
         vector = [round(1 / dim**0.5, 6)] * dim
         embedding = {
-            "object": "list", "model": model,
+            "object": "list",
+            "model": model,
             "data": [{"object": "embedding", "index": 0, "embedding": vector}],
             "usage": {"prompt_tokens": 8, "total_tokens": 8},
         }
-        models = {"object": "list", "data": [{"id": model, "object": "model", "created": now,
-                                              "owned_by": "stub"}]}
+        models = {
+            "object": "list",
+            "data": [{"id": model, "object": "model", "created": now, "owned_by": "stub"}],
+        }
         self.json = {
             CHAT: _http(b"200 OK", b"application/json", orjson.dumps(chat)),
             COMPLETIONS: _http(b"200 OK", b"application/json", orjson.dumps(completion)),
@@ -92,22 +113,45 @@ class Answers:
             MODELS: _http(b"200 OK", b"application/json", orjson.dumps(models)),
             HEALTH: _http(b"200 OK", b"application/json", b'{"status":"ok"}'),
         }
-        self.not_found = _http(b"404 Not Found", b"application/json",
-                               b'{"error":{"message":"no such route","type":"not_found_error",'
-                               b'"param":null,"code":null}}')
-        self.bad_request = _http(b"400 Bad Request", b"application/json",
-                                 b'{"error":{"message":"body is not JSON","type":"invalid_request_error",'
-                                 b'"param":null,"code":null}}')
+        self.not_found = _http(
+            b"404 Not Found",
+            b"application/json",
+            b'{"error":{"message":"no such route","type":"not_found_error","param":null,"code":null}}',
+        )
+        self.bad_request = _http(
+            b"400 Bad Request",
+            b"application/json",
+            b'{"error":{"message":"body is not JSON","type":"invalid_request_error",'
+            b'"param":null,"code":null}}',
+        )
         self.chat_events = self._events(
-            {"id": "chatcmpl-stub", "object": "chat.completion.chunk", "created": now, "model": model,
-             "choices": [{"index": 0, "delta": {"content": "hi "}, "finish_reason": None}]}
+            {
+                "id": "chatcmpl-stub",
+                "object": "chat.completion.chunk",
+                "created": now,
+                "model": model,
+                "choices": [{"index": 0, "delta": {"content": "hi "}, "finish_reason": None}],
+            }
         )
         self.completion_events = self._events(
-            {"id": "cmpl-stub", "object": "text_completion", "created": now, "model": model,
-             "choices": [{"index": 0, "text": "hi ", "finish_reason": None}]}
+            {
+                "id": "cmpl-stub",
+                "object": "text_completion",
+                "created": now,
+                "model": model,
+                "choices": [{"index": 0, "text": "hi ", "finish_reason": None}],
+            }
         )
-        self.usage_event = _sse({"id": "stub", "object": "chat.completion.chunk", "created": now,
-                                 "model": model, "choices": [], "usage": usage})
+        self.usage_event = _sse(
+            {
+                "id": "stub",
+                "object": "chat.completion.chunk",
+                "created": now,
+                "model": model,
+                "choices": [],
+                "usage": usage,
+            }
+        )
         self.done = b"data: [DONE]\n\n"
         self.whole_stream = {
             CHAT: SSE_HEAD + _chunk(b"".join(self.chat_events) + self.done) + b"0\r\n\r\n",
@@ -230,13 +274,23 @@ class StubProtocol(asyncio.Protocol):
             transport.close()
 
 
-async def serve(host: str, port: int, answers: Answers, slots: int, token_delay_ms: float,
-                ready: Callable[[], None] | None = None, event_delay_ms: float = 0.0) -> None:
+async def serve(
+    host: str,
+    port: int,
+    answers: Answers,
+    slots: int,
+    token_delay_ms: float,
+    ready: Callable[[], None] | None = None,
+    event_delay_ms: float = 0.0,
+) -> None:
     semaphore = asyncio.Semaphore(slots) if slots > 0 else None
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
         lambda: StubProtocol(answers, semaphore, token_delay_ms / 1000, event_delay_ms / 1000),
-        host, port, reuse_address=True, backlog=4096,
+        host,
+        port,
+        reuse_address=True,
+        backlog=4096,
     )
     if ready:
         ready()
@@ -255,13 +309,20 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=384, help="embedding size")
     parser.add_argument("--slots", type=int, default=0, help="concurrent requests (0: no queueing model)")
     parser.add_argument("--token-delay-ms", type=float, default=0.0, help="per-token delay with --slots")
-    parser.add_argument("--event-delay-ms", type=float, default=0.0,
-                        help="space stream events this far apart (without --slots)")
+    parser.add_argument(
+        "--event-delay-ms",
+        type=float,
+        default=0.0,
+        help="space stream events this far apart (without --slots)",
+    )
     args = parser.parse_args()
     answers = Answers(args.model, args.events, args.dim)
     print(f"stub backend on http://{args.host}:{args.port} (pid {os.getpid()})", flush=True)
-    uvloop.run(serve(args.host, args.port, answers, args.slots, args.token_delay_ms,
-                     event_delay_ms=args.event_delay_ms))
+    uvloop.run(
+        serve(
+            args.host, args.port, answers, args.slots, args.token_delay_ms, event_delay_ms=args.event_delay_ms
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -5,17 +5,23 @@ logs at warning level (no line per request: vpool writes none either), and no cl
 authentication (vpool serves 127.0.0.1 open when no key is configured; LiteLLM needs
 `dangerously_permit_weak_or_unset_master_key` for that). vllm-router gets `round_robin`:
 its `power_of_two` refuses a single worker, and with one worker every policy picks it.
+`vpool-prev` is vpool from another commit (`--baseline-ref`), started exactly as `vpool` is,
+from a temporary `git worktree` of that commit, so one run gives the new gateway's ratio to
+the previous one on the same machine, minutes apart.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,9 +31,10 @@ from processes import Process, ProcessGroup, StartupError, free_ports, pinning_p
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 SYSTEMS = ("direct", "vpool", "vllm-router", "litellm")
+BASELINE = "vpool-prev"  # vpool from `--baseline-ref`: compare.py only, it needs the checkout
 PEERS = {"vllm-router": "vllm-router", "litellm": "litellm"}  # system -> executable
 REDIS_URL = "redis://127.0.0.1:6379/0"
-STARTUP_TIMEOUT_S = {"vpool": 60.0, "vllm-router": 60.0, "litellm": 120.0}
+STARTUP_TIMEOUT_S = {"vpool": 60.0, BASELINE: 60.0, "vllm-router": 60.0, "litellm": 120.0}
 
 
 @dataclass
@@ -50,6 +57,7 @@ class Launch:
     port_base: int
     peers_venv: Path | None
     gateway_processes: int = 1
+    baseline: Path | None = None  # the checkout `vpool-prev` runs from
 
 
 def find_peer(system: str, peers_venv: Path | None) -> Path | None:
@@ -86,7 +94,7 @@ def start_backend(
     argv = [
         sys.executable, str(HERE / "stub_backend.py"), "--port", str(port), "--model", MODEL,
         "--events", str(events), "--dim", str(STUB_DIM),
-    ]
+    ]  # fmt: skip
     if event_delay_ms:
         argv += ["--event-delay-ms", str(event_delay_ms)]
     process = group.start("stub", argv, cpu)
@@ -99,8 +107,8 @@ def start_system(name: str, launch: Launch) -> Running:
     """Start `name` in front of the backend and wait until it routes to the stub model."""
     if name == "direct":
         return Running("direct", launch.backend.base_url, launch.backend.pid, None)
-    if name == "vpool":
-        process, url = _start_vpool(launch)
+    if name in ("vpool", BASELINE):
+        process, url = _start_vpool(name, launch)
     elif name == "vllm-router":
         process, url = _start_vllm_router(launch)
     elif name == "litellm":
@@ -111,31 +119,90 @@ def start_system(name: str, launch: Launch) -> Running:
     return Running(name, url, process.pid, process)
 
 
-def _start_vpool(launch: Launch) -> tuple[Process, str]:
+def _start_vpool(name: str, launch: Launch) -> tuple[Process, str]:
     """`vpool up` in one process; with several gateway processes, split mode over Redis
-    (`vpool controller` + `vpool gateway --processes N`), where the gateway is measured."""
+    (`vpool controller` + `vpool gateway --processes N`), where the gateway is measured.
+
+    `vpool-prev` is the same from the baseline checkout: `PYTHONPATH` and the working
+    directory there, so its `vpool` package shadows this checkout's editable install."""
+    checkout, env = REPO, None
+    if name == BASELINE:
+        if launch.baseline is None:
+            raise StartupError(f"{BASELINE} needs a checkout of the previous commit: pass --baseline-ref")
+        checkout = launch.baseline
+        env = {"PYTHONPATH": os.pathsep.join(p for p in (str(checkout), os.environ.get("PYTHONPATH")) if p)}
+    imported = vpool_imported(checkout, env)
+    print(f"  {name}: imports {imported}", flush=True)
+    if name == BASELINE and not imported.is_relative_to(checkout.resolve()):
+        raise StartupError(f"{BASELINE} would import {imported}, not the checkout at {checkout}")
     port, controller_port = free_ports(2, launch.port_base)
-    config = launch.group.log_dir / "vpool.yaml"
+    config = launch.group.log_dir / f"{name}.yaml"
     split = launch.gateway_processes > 1
-    registry = f"registry: {{url: '{REDIS_URL}', key_prefix: 'bench-{os.getpid()}'}}\n" if split else ""
+    prefix = f"bench-{os.getpid()}-{name}"  # a fresh registry per system: none sees the last one's records
+    registry = f"registry: {{url: '{REDIS_URL}', key_prefix: '{prefix}'}}\n" if split else ""
     config.write_text(
         f"gateway: {{host: 127.0.0.1, port: {port}, processes: {launch.gateway_processes}}}\n"
         f"controller: {{host: 127.0.0.1, port: {controller_port}}}\n"
-        f"cache_dir: {launch.group.log_dir / 'vpool-cache'}\n"
+        f"cache_dir: {launch.group.log_dir / (name + '-cache')}\n"
         + registry
         + "endpoints:\n"
         f"  - url: {launch.backend.base_url}\n"
         f"    models: [{MODEL}]\n"
-    )
+    )  # fmt: skip
     # This interpreter's vpool: `PYTHONPATH=/other/checkout` benchmarks another copy.
     vpool = [sys.executable, "-m", "vpool.cli"]
     url = f"http://127.0.0.1:{port}"
     if not split:
-        return launch.group.start("vpool", [*vpool, "up", "--config", str(config)], launch.cpu, cwd=REPO), url
+        up = [*vpool, "up", "--config", str(config)]
+        return launch.group.start(name, up, launch.cpu, env=env, cwd=checkout), url
     controller = [*vpool, "controller", "--config", str(config)]
-    launch.group.start("vpool-controller", controller, launch.cpu, cwd=REPO)
+    launch.group.start(f"{name}-controller", controller, launch.cpu, env=env, cwd=checkout)
     gateway = [*vpool, "gateway", "--config", str(config)]
-    return launch.group.start("vpool", gateway, launch.cpu, cwd=REPO), url
+    return launch.group.start(name, gateway, launch.cpu, env=env, cwd=checkout), url
+
+
+def vpool_imported(checkout: Path, env: dict[str, str] | None) -> Path:
+    """The `vpool/__init__.py` a vpool process started in `checkout` with `env` would import:
+    proof that `vpool-prev` runs the old code and not this checkout's editable install."""
+    done = subprocess.run(
+        [sys.executable, "-c", "import vpool; print(vpool.__file__)"],
+        capture_output=True, text=True, cwd=checkout, env={**os.environ, **(env or {})}, timeout=30,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise StartupError(f"`import vpool` fails in {checkout}:\n{done.stderr.strip()[-2000:]}")
+    return Path(done.stdout.strip()).resolve()
+
+
+def resolve_commit(ref: str) -> str:
+    """The full commit `ref` names in this repository; StartupError if none."""
+    done = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise StartupError(f"--baseline-ref {ref!r} names no commit in {REPO}")
+    return done.stdout.strip()
+
+
+@contextlib.contextmanager
+def baseline_checkout(commit: str) -> Iterator[Path]:
+    """A detached `git worktree` of `commit` in a fresh temp directory, removed on the way out
+    (Ctrl-C and failures included), so `vpool-prev` leaves nothing behind in the repository."""
+    path = Path(tempfile.mkdtemp(prefix="vpool-baseline-"))
+    try:
+        added = subprocess.run(
+            ["git", "-C", str(REPO), "worktree", "add", "--detach", str(path), commit],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        if added.returncode != 0:
+            raise StartupError(f"git worktree add {commit} failed: {added.stderr.strip()}")
+        print(f"  {BASELINE}: commit {commit[:12]} checked out in {path}", flush=True)
+        yield path
+    finally:
+        git = ["git", "-C", str(REPO), "worktree"]
+        subprocess.run([*git, "remove", "--force", str(path)], capture_output=True)
+        shutil.rmtree(path, ignore_errors=True)  # what `remove` left, if it failed
+        subprocess.run([*git, "prune"], capture_output=True)
 
 
 def _peer(name: str, launch: Launch) -> Path:
@@ -156,7 +223,7 @@ def _start_vllm_router(launch: Launch) -> tuple[Process, str]:
         "--prometheus-port", str(metrics_port),
         "--worker-startup-check-interval", "1",
         "--log-level", "warning",
-    ]
+    ]  # fmt: skip
     return launch.group.start("vllm-router", argv, launch.cpu), f"http://127.0.0.1:{port}"
 
 
@@ -179,8 +246,10 @@ def _start_litellm(launch: Launch) -> tuple[Process, str]:
         "LITELLM_LOG": "WARNING",
         "LITELLM_MODE": "PRODUCTION",
     }
-    argv = [str(_peer("litellm", launch)), "--config", str(config), "--host", "127.0.0.1",
-            "--port", str(port), "--num_workers", "1"]
+    argv = [
+        str(_peer("litellm", launch)), "--config", str(config), "--host", "127.0.0.1",
+        "--port", str(port), "--num_workers", "1",
+    ]  # fmt: skip
     return launch.group.start("litellm", argv, launch.cpu, env=env, cwd=launch.group.log_dir), (
         f"http://127.0.0.1:{port}"
     )

@@ -70,8 +70,15 @@ def wrk_executable() -> str | None:
 def run_wrk(url: str, script: Path, connections: int, seconds: int, cpu: int | None) -> WrkResult:
     """`wrk -t1 -cN -dS` against `url`; its figures, or a result that says why there are none."""
     argv = [
-        *pin(cpu), "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", f"--timeout={TIMEOUT_S}s",
-        "-s", str(script), url,
+        *pin(cpu),
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{seconds}s",
+        f"--timeout={TIMEOUT_S}s",
+        "-s",
+        str(script),
+        url,
     ]
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + TIMEOUT_S + 30)
@@ -81,7 +88,7 @@ def run_wrk(url: str, script: Path, connections: int, seconds: int, cpu: int | N
     if done.returncode != 0 or line is None:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
         return WrkResult(0, 0.0, 0.0, 0.0, 0, problem=f"wrk exit {done.returncode}: {' | '.join(tail)}")
-    raw = json.loads(line[len(MARKER):])
+    raw = json.loads(line[len(MARKER) :])
     kinds = {k: raw[k] for k in ("connect", "read", "write", "status", "timeout") if raw[k]}
     return WrkResult(
         requests=raw["requests"] - raw["status"],

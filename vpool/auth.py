@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
-from vpool.errors import AuthenticationFailed
+from vpool.errors import AuthenticationFailed, InvalidRequest
 
 
 def _digest(key: str) -> bytes:
@@ -42,3 +42,17 @@ class BearerKeys:
             matched |= hmac.compare_digest(presented, digest)
         if not matched:
             raise AuthenticationFailed("Incorrect API key provided.")
+
+
+def single_authorization(values: Sequence[str]) -> str | None:
+    """The one Authorization header a request carries; 400 when it carries several.
+
+    With two, a proxy in front and the gateway may each check a different one: refuse to guess.
+    """
+    if len(values) > 1:
+        raise duplicate_authorization()
+    return values[0] if values else None
+
+
+def duplicate_authorization() -> InvalidRequest:
+    return InvalidRequest("Send one Authorization header, not several.", code="duplicate_header")

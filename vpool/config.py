@@ -73,6 +73,8 @@ class GatewaySettings(BaseModel):
     routing: RoutingName = "least_outstanding"
     # Processes sharing the port (SO_REUSEPORT); more than one needs a shared registry.
     processes: int = Field(1, ge=1, le=64)
+    # On SIGTERM: how long open answers (streams too) may take to finish before they are cut.
+    graceful_shutdown_s: float = Field(30.0, gt=0)
 
     @field_validator("api_keys")
     @classmethod

@@ -11,7 +11,7 @@ from rich.text import Text
 
 from vpool.config import Settings
 from vpool.controller.launcher import LaunchedWorker
-from vpool.controller.records import WorkerState
+from vpool.registry.records import WorkerState
 
 STATE_STYLE = {
     WorkerState.LAUNCHING: "yellow",

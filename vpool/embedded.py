@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 
+import uvicorn
 from rich.console import Console
 from rich.live import Live
 
@@ -18,10 +19,17 @@ from vpool.config import ModelSpec, Settings
 from vpool.console import progress_table, ready_panel
 from vpool.controller.app import create_controller_app
 from vpool.controller.launcher import LocalLauncher
-from vpool.controller.records import WorkerState
-from vpool.controller.registry import open_registry
-from vpool.gateway.app import create_gateway_app
-from vpool.serving import make_server, start_server, stop_event_on_signals, stop_servers
+from vpool.gateway.app import create_app
+from vpool.gateway.server import gateway_server
+from vpool.registry.protocol import open_registry
+from vpool.registry.records import WorkerState
+from vpool.serving import (
+    make_server,
+    raise_open_file_limit,
+    start_server,
+    stop_event_on_signals,
+    stop_servers,
+)
 
 log = logging.getLogger("vpool")
 
@@ -51,10 +59,11 @@ async def run_up(settings: Settings, console: Console) -> int:
     c, g = settings.controller, settings.gateway
     controller_url = f"http://{'127.0.0.1' if c.host in ('0.0.0.0', '::') else c.host}:{c.port}"
     controller = make_server(create_controller_app(c, registry, settings.endpoints), c.host, c.port)
-    gateway_app = create_gateway_app(settings, registry)
-    gateway = make_server(gateway_app, g.host, g.port)
+    raise_open_file_limit()
+    gateway_app = create_app(settings, registry)
+    gateway = gateway_server(gateway_app, g)
     stop = stop_event_on_signals()
-    servers = [(controller, await start_server(controller))]
+    servers: list[tuple[uvicorn.Server, asyncio.Task[None]]] = [(controller, await start_server(controller))]
     servers.append((gateway, await start_server(gateway)))
     if g.processes > 1:
         console.print("[yellow]vpool up runs one gateway process; for more: vpool gateway --processes N.[/]")
@@ -69,7 +78,7 @@ async def run_up(settings: Settings, console: Console) -> int:
         if not await _wait_until_loaded(launcher, stop, console):
             code = 1
         else:
-            await gateway_app.fleet.refresh()  # what the panel promises is routable now
+            await gateway_app.state.gateway.fleet.refresh()  # what the panel promises is routable now
             console.print(ready_panel(settings, _ready_models(settings, launcher)))
             supervisor = asyncio.create_task(launcher.supervise())
             await stop.wait()

@@ -45,12 +45,13 @@ async def _on_validation_error(request: Request, exc: Exception) -> Response:
 async def _on_http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    code: str | int = exc.status_code
     if exc.status_code == 404:
-        message = f"Unknown route: {request.method} {request.url.path}"
-    response = _json(
-        exc.status_code,
-        error_body(message, error_type_for_status(exc.status_code), code=exc.status_code),
-    )
+        message, code = f"Unknown route: {request.method} {request.url.path}", "unknown_route"
+    elif exc.status_code == 405:
+        message = f"Method {request.method} is not allowed on {request.url.path}."
+        code = "method_not_allowed"
+    response = _json(exc.status_code, error_body(message, error_type_for_status(exc.status_code), code=code))
     if exc.headers:
         response.headers.update(exc.headers)
     return response

@@ -6,9 +6,9 @@ plain attributes a test may change while it runs: an error to answer with, how s
 answer or stream, after how many events to drop the connection, whether `/health` passes.
 It keeps every request it got, raw body included, so a test can check what the gateway sent.
 
-`serve_in_thread` runs an ASGI app under uvicorn, or a vpool `Gateway` under its own
-server (both built by `vpool.serving.make_server`, as the real processes are) in a thread of
-its own, on 127.0.0.1 and a port the kernel picks. Real sockets matter: httpx's
+`serve_in_thread` runs an ASGI app under uvicorn (built by `vpool.serving.make_server`, or by
+the `make_server` given, as the real processes are: the gateway passes its own) in a thread
+of its own, on 127.0.0.1 and a port the kernel picks. Real sockets matter: httpx's
 ASGITransport buffers whole responses, so it cannot show streaming.
 """
 
@@ -26,6 +26,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import uvicorn
 import uvloop
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -34,7 +35,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from tests.support.processes import free_port
-from vpool.serving import Server, make_server
+from vpool.serving import make_server
 
 T = TypeVar("T")
 
@@ -51,7 +52,7 @@ class RunningServer:
 
     url: str
     port: int
-    server: Server
+    server: uvicorn.Server
     loop: asyncio.AbstractEventLoop
     thread: threading.Thread
     errors: list[BaseException] = field(default_factory=list)
@@ -81,18 +82,25 @@ def closed_port() -> int:
 
 @contextlib.contextmanager
 def serve_in_thread(
-    app: Any, *, graceful_s: float = 1.0, start_timeout_s: float = 10.0
+    app: Any,
+    *,
+    graceful_s: float = 1.0,
+    start_timeout_s: float = 10.0,
+    server_factory: Callable[[Any, str, int], uvicorn.Server] | None = None,
 ) -> Iterator[RunningServer]:
     """Serve `app` (lifespan included) on 127.0.0.1 until the block ends.
 
     The socket is bound here and handed to the server, so no other process can take the port
-    between choosing and binding it.
+    between choosing and binding it. `server_factory(app, host, port)` builds the server.
     """
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = int(sock.getsockname()[1])
-    server = make_server(app, "127.0.0.1", port, graceful_s=graceful_s)
+    if server_factory is not None:
+        server = server_factory(app, "127.0.0.1", port)
+    else:
+        server = make_server(app, "127.0.0.1", port, graceful_s=graceful_s)
     loop_ready = threading.Event()
     holder: dict[str, asyncio.AbstractEventLoop] = {}
     errors: list[BaseException] = []

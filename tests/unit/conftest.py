@@ -21,12 +21,15 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
 
 from tests.support.stub_worker import RunningServer, StubWorker, serve_in_thread
 from vpool.config import GatewaySettings, ModelSpec, Settings
-from vpool.controller.memory_registry import MemoryRegistry
-from vpool.controller.records import WorkerLoad, WorkerRecord, WorkerState
-from vpool.gateway.app import Gateway, create_gateway_app
+from vpool.gateway.app import create_app
+from vpool.gateway.server import gateway_server
+from vpool.gateway.state import GatewayState
+from vpool.registry.memory_backend import MemoryRegistry
+from vpool.registry.records import WorkerLoad, WorkerRecord, WorkerState
 
 MODEL = "tiny-chat"
 API_KEY = "sk-unit-test"
@@ -37,10 +40,16 @@ RECORD_TTL_S = 300.0
 @dataclass
 class GatewayHandle:
     url: str
-    app: Gateway
+    app: FastAPI
     registry: MemoryRegistry
     server: RunningServer
     _ids: Iterator[int]
+
+    @property
+    def state(self) -> GatewayState:
+        """What the running app's requests share (built in its lifespan)."""
+        state: GatewayState = self.app.state.gateway
+        return state
 
     def add_worker(
         self,
@@ -76,7 +85,7 @@ class GatewayHandle:
         self.server.call(self.registry.remove(worker_id))
 
     def refresh(self) -> None:
-        self.server.call(self.app.fleet.refresh())
+        self.server.call(self.state.fleet.refresh())
 
     def clear(self) -> None:
         """Empty the registry and the fleet view."""
@@ -104,8 +113,8 @@ class Servers:
         self._stack = stack
         self._started: list[RunningServer] = []
 
-    def serve(self, app: Any) -> RunningServer:
-        server = self._stack.enter_context(serve_in_thread(app))
+    def serve(self, app: Any, **options: Any) -> RunningServer:
+        server = self._stack.enter_context(serve_in_thread(app, **options))
         self._started.append(server)
         return server
 
@@ -138,8 +147,10 @@ class Servers:
             models=[ModelSpec(name=name, model=f"builtin:{name}") for name in catalog],
         )
         registry = MemoryRegistry()
-        app = create_gateway_app(settings, registry)
-        server = self.serve(app)
+        app = create_app(settings, registry)
+        server = self.serve(
+            app, server_factory=lambda app, host, port: gateway_server(app, settings.gateway, host, port)
+        )
         return GatewayHandle(server.url, app, registry, server, itertools.count(1))
 
     def request_stop(self) -> None:

@@ -6,7 +6,7 @@ import asyncio
 import uuid
 
 from vpool.background import cancel_and_wait
-from vpool.controller.redis_registry import RedisRegistry
+from vpool.registry.redis_backend import RedisRegistry
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 

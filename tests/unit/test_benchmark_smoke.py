@@ -22,9 +22,18 @@ SYSTEMS = ("direct", "vpool")
 def test_compare_smoke_measures_every_case_through_direct_and_vpool(tmp_path: Path) -> None:
     results_file = tmp_path / "smoke.json"
     done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "compare.py"), "--smoke",
-         "--json-out", str(results_file), "--log-dir", str(tmp_path / "logs")],
-        capture_output=True, text=True, timeout=180,
+        [
+            sys.executable,
+            str(BENCHMARKS / "compare.py"),
+            "--smoke",
+            "--json-out",
+            str(results_file),
+            "--log-dir",
+            str(tmp_path / "logs"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     output = done.stdout + done.stderr
     assert done.returncode == 0, output

@@ -16,9 +16,9 @@ from tests.unit.conftest import Servers, StubFactory, assert_openai_error
 from vpool.config import ControllerSettings, EndpointSpec
 from vpool.controller.app import create_controller_app
 from vpool.controller.external import endpoint_worker_id
-from vpool.controller.memory_registry import MemoryRegistry
-from vpool.controller.redis_registry import RedisRegistry
-from vpool.controller.registry import Registry
+from vpool.registry.memory_backend import MemoryRegistry
+from vpool.registry.protocol import Registry
+from vpool.registry.redis_backend import RedisRegistry
 
 TOKEN = "controller-token"
 HEARTBEAT_S = 0.2

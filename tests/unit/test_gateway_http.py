@@ -25,7 +25,7 @@ from tests.unit.conftest import (
     StubFactory,
     assert_openai_error,
 )
-from vpool.controller.records import WorkerState
+from vpool.registry.records import WorkerState
 
 CHAT = "/v1/chat/completions"
 

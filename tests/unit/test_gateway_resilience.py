@@ -22,8 +22,8 @@ from tests.support.stub_worker import StubError, closed_port
 from tests.unit.conftest import MODEL, GatewayFactory, GatewayHandle, StubFactory, assert_openai_error
 from tests.unit.test_gateway_http import CHAT, chat_body, metric, sse_events
 from vpool.config import ModelSpec, Settings
-from vpool.controller.records import WorkerState
 from vpool.gateway.proxy import Timeouts, resolve_timeouts
+from vpool.registry.records import WorkerState
 
 OTHER_MODEL = "other-model"
 

@@ -32,13 +32,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.support.processes import Proc, free_port
 from tests.support.redis_server import RedisServer, running_redis
 from tests.support.stub_worker import StubWorker
-from vpool.controller.memory_registry import MemoryRegistry
-from vpool.controller.records import WorkerLoad, WorkerRecord, WorkerState
-from vpool.controller.redis_registry import RedisRegistry
-from vpool.controller.registry import RegistryUnavailable
-from vpool.controller.schemas import Registration
 from vpool.gateway.fleet import Fleet
 from vpool.gateway.routing import make_policy
+from vpool.registry.memory_backend import MemoryRegistry
+from vpool.registry.protocol import RegistryUnavailable
+from vpool.registry.records import Registration, WorkerLoad, WorkerRecord, WorkerState
+from vpool.registry.redis_backend import RedisRegistry
 from vpool.worker.registration import ControllerClient, keep_registered
 
 MODEL = "tiny-chat"

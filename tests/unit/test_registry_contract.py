@@ -17,10 +17,10 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from vpool.controller.memory_registry import MemoryRegistry
-from vpool.controller.records import WorkerLoad, WorkerRecord, WorkerState
-from vpool.controller.redis_registry import RedisRegistry
-from vpool.controller.registry import Registry, RegistryUnavailable
+from vpool.registry.memory_backend import MemoryRegistry
+from vpool.registry.protocol import Registry, RegistryUnavailable
+from vpool.registry.records import WorkerLoad, WorkerRecord, WorkerState
+from vpool.registry.redis_backend import RedisRegistry
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 TTL_S = 10.0

@@ -10,7 +10,6 @@ from typing import get_args
 import pytest
 
 from vpool.config import ConfigError, RoutingName, load_settings
-from vpool.controller.records import WorkerLoad, WorkerRecord, WorkerState
 from vpool.gateway.routing import (
     LeastOutstanding,
     PowerOfTwoChoices,
@@ -18,6 +17,7 @@ from vpool.gateway.routing import (
     RoutingPolicy,
     make_policy,
 )
+from vpool.registry.records import WorkerLoad, WorkerRecord, WorkerState
 
 DRAWS = 6000
 
@@ -202,9 +202,7 @@ def test_routing_defaults_to_least_outstanding(no_vpool_env: pytest.MonkeyPatch)
     assert isinstance(make_policy(settings.gateway.routing), LeastOutstanding)
 
 
-def test_environment_variable_selects_the_policy(
-    no_vpool_env: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_environment_variable_selects_the_policy(no_vpool_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
     config = tmp_path / "vpool.yaml"
     config.write_text("gateway: {routing: power_of_two}\n")
     assert load_settings(config).gateway.routing == "power_of_two"

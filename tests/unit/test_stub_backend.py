@@ -61,7 +61,7 @@ def stub(start_stub: Callable[..., str]) -> str:
 
 
 def _data_lines(body: str) -> list[str]:
-    return [line[len("data: "):] for line in body.split("\n") if line.startswith("data: ")]
+    return [line[len("data: ") :] for line in body.split("\n") if line.startswith("data: ")]
 
 
 def test_chat_answers_one_json_completion(stub: str) -> None:

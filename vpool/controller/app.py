@@ -27,11 +27,11 @@ from vpool.background import cancel_and_wait
 from vpool.config import ControllerSettings, EndpointSpec
 from vpool.controller.external import EXTERNAL_TTL_S, ExternalProber
 from vpool.controller.probe import probe_health
-from vpool.controller.records import WorkerLoad, WorkerRecord, WorkerState
-from vpool.controller.registry import Registry, RegistryHealth, RegistryUnavailable
-from vpool.controller.schemas import ControllerHealth, Registration, RegistrationAccepted, WorkerList
+from vpool.controller.schemas import ControllerHealth, WorkerList
 from vpool.errors import InvalidRequest, NotFound, VpoolError
 from vpool.http_errors import install_error_handlers
+from vpool.registry.protocol import Registry, RegistryHealth, RegistryUnavailable
+from vpool.registry.records import Registration, RegistrationAccepted, WorkerLoad, WorkerRecord, WorkerState
 
 GONE_TTL_S = 60.0
 T = TypeVar("T")

@@ -22,8 +22,8 @@ import httpx
 
 from vpool.config import ControllerSettings, EndpointSpec
 from vpool.controller.probe import probe_health
-from vpool.controller.records import WorkerLoad, WorkerRecord, WorkerState
-from vpool.controller.registry import Registry, RegistryHealth, RegistryUnavailable
+from vpool.registry.protocol import Registry, RegistryHealth, RegistryUnavailable
+from vpool.registry.records import WorkerLoad, WorkerRecord, WorkerState
 
 log = logging.getLogger("vpool.controller")
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vpool.config import ModelSpec
-from vpool.controller.records import WorkerState
-from vpool.controller.registry import Registry, RegistryUnavailable
+from vpool.registry.protocol import Registry, RegistryUnavailable
+from vpool.registry.records import WorkerState
 
 log = logging.getLogger("vpool.launcher")
 

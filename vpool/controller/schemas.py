@@ -1,4 +1,9 @@
-"""Bodies of the controller's HTTP API (pydantic: this is the admin path, not the hot one)."""
+"""Bodies of the controller's HTTP API (pydantic: this is the admin path, not the hot one).
+
+What workers send and get back (`Registration`, `RegistrationAccepted`) lives with the
+records in `vpool/registry/records.py`: workers depend on the registry, never on the
+controller.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from vpool.controller.records import WorkerInfo, WorkerRecord
-
-
-class Registration(WorkerInfo):
-    """What a worker (or an admin adding an external server) tells the controller."""
-
-
-class RegistrationAccepted(BaseModel):
-    worker_id: str
-    heartbeat_interval_s: float
-    ttl_s: float
+from vpool.registry.records import WorkerRecord
 
 
 class WorkerList(BaseModel):

@@ -8,7 +8,7 @@ from vpool.background import cancel_and_wait
 from vpool.config import Settings
 from vpool.controller.app import create_controller_app
 from vpool.controller.launcher import LocalLauncher
-from vpool.controller.registry import open_registry
+from vpool.registry.protocol import open_registry
 from vpool.serving import make_server, start_server, stop_event_on_signals, stop_servers
 
 

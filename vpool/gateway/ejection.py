@@ -31,7 +31,7 @@ import logging
 from collections.abc import Mapping
 from time import monotonic
 
-from vpool.controller.records import WorkerRecord
+from vpool.registry.records import WorkerRecord
 
 log = logging.getLogger("vpool.gateway")
 

@@ -21,11 +21,11 @@ import time
 from collections import defaultdict
 from collections.abc import Set
 
-from vpool.controller.records import WorkerRecord, WorkerState
-from vpool.controller.registry import Registry, RegistryUnavailable
 from vpool.errors import ModelNotFound, NoWorkerAvailable
 from vpool.gateway.ejection import Ejector
 from vpool.gateway.routing import RoutingPolicy
+from vpool.registry.protocol import Registry, RegistryUnavailable
+from vpool.registry.records import WorkerRecord, WorkerState
 
 log = logging.getLogger("vpool.gateway")
 
@@ -121,3 +121,21 @@ class Fleet:
 
     def ready_count(self, model: str) -> int:
         return len(self._ready.get(model, ()))
+
+    def ready_for(self, model: str) -> list[WorkerRecord]:
+        """The ready workers serving `model` (a copy)."""
+        return list(self._ready.get(model, ()))
+
+    def ready_generators(self) -> list[WorkerRecord]:
+        """Every ready worker that generates text, each once."""
+        seen: dict[str, WorkerRecord] = {}
+        for workers in self._ready.values():
+            for worker in workers:
+                if worker.runner == "generate":
+                    seen.setdefault(worker.worker_id, worker)
+        return list(seen.values())
+
+    def max_model_len(self, model: str) -> int | None:
+        """The context every ready worker of `model` takes (the smallest they report)."""
+        lengths = [w.max_model_len for w in self._ready.get(model, ()) if w.max_model_len]
+        return min(lengths) if lengths else None

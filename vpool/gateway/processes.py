@@ -13,11 +13,11 @@ import signal
 from types import FrameType
 
 from vpool.config import Settings
-from vpool.controller.registry import open_registry
-from vpool.gateway.app import create_gateway_app
-from vpool.gateway.server import GatewayServer
+from vpool.gateway.app import create_app
+from vpool.gateway.server import gateway_server
 from vpool.logs import setup_logging
-from vpool.serving import run, serve_until_signal
+from vpool.registry.protocol import open_registry
+from vpool.serving import bind_socket, raise_open_file_limit, run, serve_until_signal
 
 
 def serve_gateway(settings: Settings) -> int:
@@ -52,10 +52,12 @@ def _child(settings: Settings) -> None:
 
 
 async def _serve_one(settings: Settings, reuse_port: bool) -> None:
-    registry = open_registry(settings.registry)
+    raise_open_file_limit()
     g = settings.gateway
-    server = GatewayServer(create_gateway_app(settings, registry), g.host, g.port, reuse_port=reuse_port)
+    sock = bind_socket(g.host, g.port, reuse_port=reuse_port)
+    registry = open_registry(settings.registry)
     try:
-        await serve_until_signal(server)
+        await serve_until_signal(gateway_server(create_app(settings, registry), g), [sock])
     finally:
+        sock.close()
         await registry.close()

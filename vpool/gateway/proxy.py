@@ -19,7 +19,9 @@ One `Exchange` per client request, driven by callbacks from the upstream connect
 - every attempt's verdict goes to the fleet's `Ejector` (vpool/gateway/ejection.py), which
   takes workers that keep failing out of rotation for a while;
 - when the client leaves, the upstream connection is aborted at once: vLLM sees the
-  disconnect and aborts the request, freeing its KV cache.
+  disconnect and aborts the request, freeing its KV cache;
+- a request pinned to one worker (a follow-up on a response that worker stores) is never
+  retried elsewhere: no other worker could answer it.
 
 Timeouts: the connect timeout is the pool's; the first-byte timeout (until the response
 head: for an answer that is not streamed, the whole generation) and the read timeout
@@ -35,17 +37,18 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from time import monotonic
+from typing import Protocol
 
 from vpool.config import Settings
-from vpool.controller.records import WorkerRecord
 from vpool.errors import UpstreamError, UpstreamTimeout, VpoolError, ensure_openai_error_body
 from vpool.gateway.ejection import Ejector
 from vpool.gateway.fleet import Fleet
-from vpool.gateway.http1 import ClientConnection
 from vpool.gateway.metrics import GatewayMetrics
 from vpool.gateway.request_body import OpenAIRequest
+from vpool.gateway.response_owners import ResponseOwners
 from vpool.gateway.sse import error_event
 from vpool.gateway.upstream import Origin, UpstreamConnection, UpstreamPool
+from vpool.registry.records import WorkerRecord
 
 log = logging.getLogger("vpool.gateway")
 
@@ -54,6 +57,39 @@ SSE_HEADERS = (b"cache-control", b"no-cache")
 # Answers that mean "not this worker, not now": vLLM's server or a proxy in front of it
 # when it is overloaded, starting or shutting down. Retried on another worker.
 _RETRIED_STATUS_KINDS = {502: "http_502", 503: "http_503"}
+
+
+class Interruptible(Protocol):
+    """The work behind a response, told when the client goes or reads too slowly."""
+
+    def cancel(self) -> None: ...
+    def pause(self) -> None: ...
+    def resume(self) -> None: ...
+
+
+class Client(Protocol):
+    """Where an exchange's answer goes (vpool/gateway/responder.py: ASGI `send`).
+
+    `respond` sends a whole answer; a stream is `start_stream`, `write_chunk`s made to leave
+    together by `flush`, then `end_stream`; `close` drops the connection mid-answer.
+    """
+
+    work: Interruptible | None
+
+    def respond(
+        self,
+        status: int,
+        body: bytes,
+        content_type: bytes = b"application/json",
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None: ...
+    def start_stream(
+        self, status: int, content_type: bytes, headers: list[tuple[bytes, bytes]] | None = None
+    ) -> None: ...
+    def write_chunk(self, data: bytes) -> None: ...
+    def flush(self) -> None: ...
+    def end_stream(self) -> None: ...
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +141,7 @@ class Proxy:
         self.retry_backoff_s = retry_backoff_s
         self.timeouts = timeouts
         self.model_timeouts = dict(model_timeouts or {})
+        self.response_owners = ResponseOwners(pool)
         self._origins: dict[str, Origin] = {}
         # Exchanges under way, swept for timeouts: cheaper than a timer per request.
         self.active: set[Exchange] = set()
@@ -119,8 +156,18 @@ class Proxy:
             for exchange in list(self.active):
                 exchange.check_timeout(now)
 
-    def forward(self, route: str, path: bytes, request: OpenAIRequest, client: ClientConnection) -> None:
-        Exchange(self, route, path, request, client).start()
+    def forward(
+        self,
+        route: str,
+        method: bytes,
+        target: bytes,
+        request: OpenAIRequest,
+        client: Client,
+        pinned: WorkerRecord | None = None,
+    ) -> None:
+        """Send `method target` with the request's body to a worker of its model (to
+        `pinned` alone, if given) and relay the answer to `client`."""
+        Exchange(self, route, method, target, request, client, pinned).start()
 
     def origin(self, url: str) -> Origin:
         origin = self._origins.get(url)
@@ -142,20 +189,31 @@ class Exchange:
     """One client request, sent to one worker at a time, its answer relayed back."""
 
     __slots__ = (
-        "_attempts", "_buffer", "_client", "_conn", "_connecting",
-        "_ended_cleanly", "_finished", "_last_activity", "_origin", "_path", "_paused", "_proxy", "_request",
-        "_retry_timer", "_route", "_started", "_status", "_stream", "_timeouts", "_tried", "_worker",
-        "_worker_header",
+        "_attempts", "_buffer", "_client", "_conn", "_connecting", "_ended_cleanly", "_finished",
+        "_last_activity", "_learn_owner", "_method", "_origin", "_paused", "_pinned", "_proxy", "_request",
+        "_retry_timer", "_route", "_started", "_status", "_stream", "_target", "_timeouts", "_tried",
+        "_worker", "_worker_header",
     )  # fmt: skip
 
     def __init__(
-        self, proxy: Proxy, route: str, path: bytes, request: OpenAIRequest, client: ClientConnection
+        self,
+        proxy: Proxy,
+        route: str,
+        method: bytes,
+        target: bytes,
+        request: OpenAIRequest,
+        client: Client,
+        pinned: WorkerRecord | None = None,
     ) -> None:
         self._proxy = proxy
         self._route = route
-        self._path = path
+        self._method = method
+        self._target = target
         self._request = request
         self._client = client
+        self._pinned = pinned
+        # A new stored response: note which worker holds it (see response_owners.py).
+        self._learn_owner = route == "responses" and method == b"POST"
         self._timeouts = proxy.model_timeouts.get(request.model, proxy.timeouts)
         self._started = monotonic()
         self._tried: set[str] | None = None  # workers that failed this request; made on the first
@@ -179,11 +237,13 @@ class Exchange:
     def start(self) -> None:
         self._client.work = self
         self._proxy.active.add(self)
-        try:
-            worker = self._proxy.fleet.choose(self._request.model)
-        except VpoolError as exc:
-            self._fail(exc)
-            return
+        worker = self._pinned
+        if worker is None:
+            try:
+                worker = self._proxy.fleet.choose(self._request.model)
+            except VpoolError as exc:
+                self._fail(exc)
+                return
         self._attempts = 1
         self._use(worker)
         self._dispatch()
@@ -236,9 +296,9 @@ class Exchange:
         self._conn = conn
         body = self._request.body
         conn.send(
-            b"POST %b%b HTTP/1.1\r\nhost: %b\r\ncontent-type: application/json\r\n"
+            b"%b %b%b HTTP/1.1\r\nhost: %b\r\ncontent-type: application/json\r\n"
             b"accept: application/json\r\ncontent-length: %d\r\n\r\n%b"
-            % (origin.base_path, self._path, origin.host_header, len(body), body),
+            % (self._method, origin.base_path, self._target, origin.host_header, len(body), body),
             self,
         )
         self._last_activity = monotonic()
@@ -254,7 +314,7 @@ class Exchange:
         if tried is None:
             tried = self._tried = set()
         tried.add(worker.worker_id)
-        if self._attempts < proxy.max_attempts:
+        if self._attempts < proxy.max_attempts and self._pinned is None:
             try:
                 following = proxy.fleet.choose(self._request.model, tried)
             except VpoolError:
@@ -296,6 +356,9 @@ class Exchange:
         self._last_activity = monotonic()
         if self._stream:
             self._ended_cleanly = data.endswith(b"\n\n")
+            if self._learn_owner and self._worker is not None:
+                found = self._proxy.response_owners.learn_from_events(data, self._worker.worker_id)
+                self._learn_owner = not found
             self._client.write_chunk(data)
         else:
             self._buffer.append(data)
@@ -326,6 +389,8 @@ class Exchange:
                 self._worker_failed()
             else:
                 self._proxy.ejector.succeeded(worker.worker_id)
+                if self._learn_owner and status == 200:
+                    self._proxy.response_owners.learn_from_body(body, worker.worker_id)
         self._client.respond(status, body, headers=[(b"x-vpool-worker", self._worker_header)])
         self._finish(status)
 
@@ -353,7 +418,7 @@ class Exchange:
             return
         self._break(f"The worker serving this request failed: {type(exc).__name__}.", "stream_error")
 
-    # the client's side (ClientConnection's Interruptible)
+    # the client's side (the Client's Interruptible)
 
     def cancel(self) -> None:
         """The client left: abort the upstream request at once."""
@@ -442,6 +507,7 @@ class Exchange:
         if self._finished:
             return
         self._finished = True
+        self._client.work = None  # no reference cycle left for the garbage collector to find
         self._proxy.active.discard(self)
         self._release_worker()
         elapsed = monotonic() - self._started

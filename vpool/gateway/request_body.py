@@ -1,7 +1,8 @@
 """Check an OpenAI request body once, without re-serializing it.
 
-Only `model` is kept (and the types of `stream` and `stream_options` checked); the original
-bytes go to the worker, which validates everything else itself.
+Only `model` is kept (and `previous_response_id`, which says which worker must answer; the
+types of `stream` and `stream_options` are checked); the original bytes go to the worker,
+which validates everything else itself.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from vpool.errors import InvalidRequest
 class OpenAIRequest:
     body: bytes
     model: str
+    previous_response_id: str | None = None
 
 
 def parse_openai_request(body: bytes) -> OpenAIRequest:
@@ -44,4 +46,9 @@ def parse_openai_request(body: bytes) -> OpenAIRequest:
     options = data.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise InvalidRequest("`stream_options` must be an object.", param="stream_options")
-    return OpenAIRequest(body=body, model=model)
+    previous = data.get("previous_response_id")
+    if previous is not None and (not isinstance(previous, str) or not previous):
+        raise InvalidRequest(
+            "`previous_response_id` must be a non-empty string.", param="previous_response_id"
+        )
+    return OpenAIRequest(body=body, model=model, previous_response_id=previous)

@@ -17,7 +17,7 @@ import random
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
-from vpool.controller.records import WorkerRecord
+from vpool.registry.records import WorkerRecord
 
 
 class RoutingPolicy(Protocol):

@@ -6,6 +6,10 @@ costs one parse and one write: no task, queue or stream object per request or pe
 Measured on one core in front of the stub backend (benchmarks/README.md): httpx's pool
 spent two thirds of the gateway's time in its own bookkeeping, aiohttp reached under half
 of what this does.
+
+An answer with neither `content-length` nor chunking is delimited by the worker closing
+the connection (RFC 9112 §6.3): it ends, complete, when the connection does. httptools
+cannot be told the input ended, so this module says so itself.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.used = False  # has carried a request before: a failure may be a stale keep-alive
         self._parser = httptools.HttpResponseParser(self)
         self._headers: dict[bytes, bytes] = {}
+        self._until_close = False  # the answer under way ends when the worker closes
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -101,14 +106,25 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._until_close and exc is None:
+            self.on_message_complete()  # a close-delimited answer: complete now
+            return
         self._lost(exc or ConnectionResetError("the worker closed the connection"))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers[name.lower()] = value
 
     def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        headers = self._headers
+        self._until_close = (
+            b"content-length" not in headers
+            and b"transfer-encoding" not in headers
+            and status >= 200
+            and status not in (204, 304)
+        )
         if self.sink is not None:
-            self.sink.on_head(self._parser.get_status_code(), self._headers)
+            self.sink.on_head(status, headers)
         self._headers = {}
 
     def on_body(self, body: bytes) -> None:
@@ -118,7 +134,10 @@ class UpstreamConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         sink, self.sink = self.sink, None
         self.used = True
-        if not self._parser.should_keep_alive():
+        if self._until_close:
+            self._until_close = False
+            self.closed = True
+        elif not self._parser.should_keep_alive():
             self.closed = True
             if self.transport is not None:
                 self.transport.close()
@@ -179,3 +198,54 @@ class UpstreamPool:
             while idle:
                 idle.pop().abort()
         self._idle.clear()
+
+
+class _StatusSink:
+    """Collects one answer's status for `UpstreamPool.status_of` (the body is dropped)."""
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    def on_head(self, status: int, headers: dict[bytes, bytes]) -> None:
+        self.status = status
+
+    def on_body(self, data: bytes) -> None:
+        pass
+
+    def on_end(self) -> None:
+        if not self.done.done():
+            self.done.set_result(self.status)
+
+    def on_lost(self, exc: Exception) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc)
+
+    def on_read_done(self) -> None:
+        pass
+
+
+async def status_of(
+    pool: UpstreamPool, origin: Origin, method: bytes, target: bytes, timeout_s: float
+) -> int | None:
+    """One request to a worker off the hot path (a lookup): its status, None if it failed.
+
+    Always on a fresh connection, so that a stale pooled one cannot pass for a worker's "no".
+    """
+    conn: UpstreamConnection | None = None
+    sink = _StatusSink()
+    try:
+        async with asyncio.timeout(timeout_s):
+            conn = await pool.connect(origin, timeout_s)
+            conn.send(
+                b"%b %b%b HTTP/1.1\r\nhost: %b\r\ncontent-length: 0\r\n\r\n"
+                % (method, origin.base_path, target, origin.host_header),
+                sink,
+            )
+            status = await sink.done
+    except (OSError, TimeoutError):
+        if conn is not None:
+            conn.abort()
+        return None
+    pool.release(origin, conn)
+    return status

@@ -45,4 +45,3 @@ class DeadEngineGuard:
                 await send(message)
 
         await self.app(scope, receive, send_or_replace)
-

@@ -15,8 +15,7 @@ from collections.abc import Callable
 
 import httpx
 
-from vpool.controller.records import WorkerLoad
-from vpool.controller.schemas import Registration, RegistrationAccepted
+from vpool.registry.records import Registration, RegistrationAccepted, WorkerLoad
 
 log = logging.getLogger("vpool.worker")
 

@@ -23,7 +23,7 @@ import uvicorn
 
 from vpool.background import cancel_and_wait
 from vpool.config import ModelSpec
-from vpool.controller.schemas import Registration
+from vpool.registry.records import Registration
 from vpool.worker.engine_guard import DeadEngineGuard
 from vpool.worker.model_source import pick_dtype, resolve_model_path
 from vpool.worker.registration import ControllerClient, keep_registered
@@ -131,6 +131,7 @@ async def run_worker(options: WorkerOptions) -> int:
                 runner=spec.runner,
                 tensor_parallel_size=spec.tensor_parallel_size,
                 pipeline_parallel_size=spec.pipeline_parallel_size,
+                max_model_len=engine.max_model_len,
             )
             heartbeats = asyncio.create_task(keep_registered(client, registration, engine.read_load))
         print(f"vpool worker {worker_id} serving {spec.name} on {url}", flush=True)

@@ -18,7 +18,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from vpool.config import ModelSpec
-from vpool.controller.records import WorkerLoad
+from vpool.registry.records import WorkerLoad
 
 
 @dataclass
@@ -29,6 +29,9 @@ class EngineApp:
     read_load: Callable[[], WorkerLoad]
     # True once the engine-core process has died: nothing this worker serves can succeed.
     engine_dead: Callable[[], bool]
+    # The longest context the engine takes, as vLLM settled it (from the model's config or
+    # `--max-model-len`).
+    max_model_len: int
 
 
 class _LoadProbe:
@@ -188,6 +191,11 @@ async def open_engine(spec: ModelSpec, model_path: str, dtype: str) -> AsyncIter
             return {**read_load().model_dump(), "unfinished": engine.get_num_unfinished_requests()}
 
         app.add_api_route("/vpool/load", load_now, methods=["GET"])
-        yield EngineApp(app=app, read_load=read_load, engine_dead=lambda: engine.errored)
+        yield EngineApp(
+            app=app,
+            read_load=read_load,
+            engine_dead=lambda: engine.errored,
+            max_model_len=int(engine.model_config.max_model_len),
+        )
     finally:
         engine.shutdown()

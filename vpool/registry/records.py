@@ -38,6 +38,9 @@ class WorkerInfo(BaseModel):
     runner: Literal["generate", "pooling"] = "generate"
     tensor_parallel_size: int = Field(1, ge=1)
     pipeline_parallel_size: int = Field(1, ge=1)
+    # The longest context the engine takes (prompt plus output), where the worker reports it:
+    # gateways show it in `/v1/models`.
+    max_model_len: int | None = Field(None, ge=1)
     # "external": a server vpool did not start; the controller heartbeats for it.
     kind: Literal["vpool", "external"] = "vpool"
 
@@ -49,3 +52,13 @@ class WorkerRecord(WorkerInfo):
     registered_at: float = Field(default_factory=time.time)
     last_heartbeat: float = Field(default_factory=time.time)
     load: WorkerLoad = Field(default_factory=WorkerLoad)
+
+
+class Registration(WorkerInfo):
+    """What a worker (or an admin adding an external server) tells the controller."""
+
+
+class RegistrationAccepted(BaseModel):
+    worker_id: str
+    heartbeat_interval_s: float
+    ttl_s: float

@@ -45,8 +45,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 
-from vpool.controller.records import WorkerLoad, WorkerRecord, WorkerState
-from vpool.controller.registry import RegistryUnavailable
+from vpool.registry.protocol import RegistryUnavailable
+from vpool.registry.records import WorkerLoad, WorkerRecord, WorkerState
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from vpool.controller.records import WorkerLoad, WorkerRecord, WorkerState
+from vpool.registry.records import WorkerLoad, WorkerRecord, WorkerState
 
 
 class MemoryRegistry:

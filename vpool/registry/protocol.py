@@ -17,7 +17,7 @@ from collections.abc import Awaitable
 from typing import Protocol, TypeVar
 
 from vpool.config import RegistrySettings
-from vpool.controller.records import WorkerLoad, WorkerRecord, WorkerState
+from vpool.registry.records import WorkerLoad, WorkerRecord, WorkerState
 
 log = logging.getLogger("vpool.registry")
 T = TypeVar("T")
@@ -91,9 +91,9 @@ class Registry(Protocol):
 def open_registry(settings: RegistrySettings) -> Registry:
     """Build the backend the URL names: memory:// or redis://."""
     if settings.url.startswith("memory://"):
-        from vpool.controller.memory_registry import MemoryRegistry
+        from vpool.registry.memory_backend import MemoryRegistry
 
         return MemoryRegistry()
-    from vpool.controller.redis_registry import RedisRegistry
+    from vpool.registry.redis_backend import RedisRegistry
 
     return RedisRegistry.from_url(settings.url, key_prefix=settings.key_prefix, timeout_s=settings.timeout_s)

@@ -1,0 +1,68 @@
+"""What every request of one gateway shares, built in the app's lifespan (no globals).
+
+The fleet view and its refresh loop, the upstream pool, the proxy and its timeout sweep,
+the metrics and the keys. `create_app` makes one per app start; tests and `vpool up`
+reach it as `app.state.gateway`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from vpool.auth import BearerKeys
+from vpool.background import cancel_and_wait
+from vpool.config import Settings
+from vpool.gateway.ejection import Ejector
+from vpool.gateway.fleet import Fleet
+from vpool.gateway.metrics import GatewayMetrics
+from vpool.gateway.proxy import Proxy, resolve_timeouts
+from vpool.gateway.routing import RoutingPolicy, make_policy
+from vpool.gateway.upstream import UpstreamPool
+from vpool.registry.protocol import Registry
+from vpool.registry.records import WorkerRecord
+
+
+class GatewayState:
+    def __init__(self, settings: Settings, registry: Registry, policy: RoutingPolicy | None = None) -> None:
+        g = settings.gateway
+        self.settings = settings
+        self.keys = BearerKeys(g.api_keys)
+        self.max_body_bytes = g.max_body_bytes
+        self.fleet = Fleet(
+            registry,
+            policy or make_policy(g.routing),
+            settings.catalog_names(),
+            g.refresh_interval_s,
+            # The workers' TTL, as the controller sets it: give gateways the same `controller:`.
+            expiry_window_s=settings.controller.worker_ttl_s,
+            ejector=Ejector(g.eject_after_failures, g.eject_cooldown_s, g.eject_max_cooldown_s),
+        )
+        self.metrics = GatewayMetrics()
+        self.pool = UpstreamPool(g.connect_timeout_s)
+        timeouts, model_timeouts = resolve_timeouts(settings)
+        self.proxy = Proxy(
+            self.pool, self.fleet, self.metrics, g.max_attempts, timeouts, model_timeouts, g.retry_backoff_s
+        )
+        self._background: list[asyncio.Task[None]] = []
+        # Built in the lifespan, so on the loop that serves: requests use it without a lookup.
+        self.loop = asyncio.get_running_loop()
+
+    async def start(self) -> None:
+        await self.fleet.refresh()
+        self._background = [
+            asyncio.create_task(self.fleet.run(), name="fleet-refresh"),
+            asyncio.create_task(self.proxy.watch_timeouts(), name="timeout-sweep"),
+        ]
+
+    async def close(self) -> None:
+        for task in self._background:
+            await cancel_and_wait(task)
+        self.pool.close()
+
+    async def holder_of(self, response_id: str, model: str | None = None) -> WorkerRecord | None:
+        """The worker storing `response_id` among those that could have made it: the ready
+        workers of `model`, or of any generating model when the model is not known."""
+        candidates = self.fleet.ready_for(model) if model is not None else self.fleet.ready_generators()
+        if not candidates:
+            return None
+        return await self.proxy.response_owners.locate(response_id, candidates, self.proxy.origin)
