@@ -109,7 +109,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Ite
     }
     config_path = work / "fleet.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "VPOOL_REGISTRATION_TOKEN": TOKEN}
+    # vLLM keeps `/v1/responses` results only with this set (in the engine's memory).
+    env = {**os.environ, "VPOOL_REGISTRATION_TOKEN": TOKEN, "VLLM_ENABLE_RESPONSES_API_STORE": "1"}
     env.pop("VPOOL_API_KEYS", None)
 
     controller = _spawn("controller", ["controller", "--config", str(config_path)], work, env)

@@ -1,7 +1,8 @@
 """A stub OpenAI worker, and a way to run any ASGI app on a real socket for a test.
 
 `StubWorker` answers like an OpenAI-compatible server (chat completions and completions, as
-JSON or SSE; embeddings; `/health`; `/v1/models`) with no engine behind it. Its behaviour is
+JSON or SSE; embeddings; stored responses; `/health`; `/v1/models`; any other POST with a
+JSON echo of what it got) with no engine behind it. Its behaviour is
 plain attributes a test may change while it runs: an error to answer with, how slowly to
 answer or stream, after how many events to drop the connection, whether `/health` passes.
 It keeps every request it got, raw body included, so a test can check what the gateway sent.
@@ -187,6 +188,7 @@ class Received:
     path: str
     body: bytes
     headers: dict[str, str]
+    query: str = ""
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -195,8 +197,10 @@ class Received:
 _BEHAVIOUR = (
     "events",
     "event_interval_s",
+    "event_padding",
     "response_delay_s",
     "die_after_events",
+    "die_mid_event",
     "error",
     "healthy",
     "hold",
@@ -214,6 +218,8 @@ class StubWorker:
         event_interval_s: float = 0.0,
         response_delay_s: float = 0.0,
         die_after_events: int | None = None,
+        die_mid_event: bool = False,
+        event_padding: int = 0,
         error: StubError | None = None,
         healthy: bool = True,
     ) -> None:
@@ -222,6 +228,8 @@ class StubWorker:
         self.event_interval_s = event_interval_s  # pause between two events of a stream
         self.response_delay_s = response_delay_s  # pause before answering anything
         self.die_after_events = die_after_events  # drop the connection after this many events
+        self.die_mid_event = die_mid_event  # ... having sent half of the next one
+        self.event_padding = event_padding  # bytes of filler in each event, to make streams large
         self.error = error
         self.healthy = healthy
         # While set and not yet released, every request waits before it is answered.
@@ -229,6 +237,8 @@ class StubWorker:
         self._defaults = {name: getattr(self, name) for name in _BEHAVIOUR}
         self._received: list[Received] = []
         self._streams_cut = 0
+        self.events_sent = 0  # by every stream so far (a test watches a stream held back)
+        self.stored: set[str] = set()  # ids of the responses it made, as vLLM's store keeps them
         self._lock = threading.Lock()
         self._server: RunningServer | None = None
         self.app = Starlette(
@@ -236,8 +246,11 @@ class StubWorker:
                 Route("/v1/chat/completions", self._chat, methods=["POST"]),
                 Route("/v1/completions", self._completions, methods=["POST"]),
                 Route("/v1/embeddings", self._embeddings, methods=["POST"]),
+                Route("/v1/responses", self._create_response, methods=["POST"]),
+                Route("/v1/responses/{response_id}", self._stored_response, methods=["GET"]),
                 Route("/v1/models", self._models, methods=["GET"]),
                 Route("/health", self._health, methods=["GET"]),
+                Route("/{path:path}", self._echo, methods=["POST"]),
             ]
         )
 
@@ -273,6 +286,8 @@ class StubWorker:
         with self._lock:
             self._received.clear()
             self._streams_cut = 0
+            self.events_sent = 0
+            self.stored.clear()
 
     # -- what it got ---------------------------------------------------------------------------
 
@@ -322,6 +337,8 @@ class StubWorker:
                     "model": model,
                     "choices": [{"index": 0, "text": f"tok{i} ", "finish_reason": None, "logprobs": None}],
                 }
+            if self.event_padding:
+                chunk["pad"] = "x" * self.event_padding
             events.append(b"data: " + json.dumps(chunk).encode() + b"\n\n")
         events.append(b"data: [DONE]\n\n")
         return events
@@ -348,7 +365,9 @@ class StubWorker:
         body = await request.body()
         with self._lock:
             self._received.append(
-                Received(request.method, request.url.path, body, {k: v for k, v in request.headers.items()})
+                Received(
+                    request.method, request.url.path, body, dict(request.headers.items()), request.url.query
+                )
             )
         if self.response_delay_s:
             await asyncio.sleep(self.response_delay_s)
@@ -363,7 +382,11 @@ class StubWorker:
         return Response(self.error.body, self.error.status, media_type=self.error.content_type)
 
     def _stream(self, events: list[bytes]) -> Response:
-        return _EventStream(events, self.event_interval_s, self.die_after_events, self._count_cut)
+        return _EventStream(events, self)
+
+    def _count_sent(self) -> None:
+        with self._lock:
+            self.events_sent += 1
 
     def _count_cut(self) -> None:
         with self._lock:
@@ -400,7 +423,7 @@ class StubWorker:
         if (error := self._error_response()) is not None:
             return error
         inputs = body.get("input")
-        count = len(inputs) if isinstance(inputs, list) and not isinstance(inputs[0], int) else 1
+        count = len(inputs) if isinstance(inputs, list) and inputs and not isinstance(inputs[0], int) else 1
         vector: Any = EMBEDDING
         if body.get("encoding_format") == "base64":  # the openai SDK asks for this by default
             vector = base64.b64encode(struct.pack(f"<{len(EMBEDDING)}f", *EMBEDDING)).decode()
@@ -412,6 +435,49 @@ class StubWorker:
         }
         return JSONResponse(reply)
 
+    async def _create_response(self, request: Request) -> Response:
+        """A Responses API answer, stored (as vLLM does with its store enabled)."""
+        body = json.loads(await self._record(request))
+        if (error := self._error_response()) is not None:
+            return error
+        with self._lock:
+            response_id = f"resp_{self.name}_{len(self.stored)}"
+            self.stored.add(response_id)
+        previous = body.get("previous_response_id")
+        if previous is not None and previous not in self.stored:
+            return JSONResponse(_not_found(previous), status_code=404)
+        reply = {"id": response_id, "object": "response", "status": "completed", "model": body["model"],
+                 "previous_response_id": previous, "output": [], "served_by": self.name}  # fmt: skip
+        if body.get("stream"):
+            created = {"type": "response.created", "response": {**reply, "status": "in_progress"}}
+            done = {"type": "response.completed", "response": reply}
+            events = [
+                b"event: %s\ndata: %s\n\n" % (e["type"].encode(), json.dumps(e).encode())
+                for e in (created, done)
+            ]
+            return self._stream(events)
+        return JSONResponse(reply)
+
+    async def _stored_response(self, request: Request) -> Response:
+        await self._record(request)
+        response_id = request.path_params["response_id"]
+        if response_id not in self.stored:
+            return JSONResponse(_not_found(response_id), status_code=404)
+        return JSONResponse(
+            {"id": response_id, "object": "response", "status": "completed", "served_by": self.name}
+        )
+
+    async def _echo(self, request: Request) -> Response:
+        """Any other route a worker may serve (tokenize, score, rerank, ...): what it got."""
+        raw = await self._record(request)
+        if (error := self._error_response()) is not None:
+            return error
+        try:
+            got: Any = json.loads(raw) if raw else None
+        except ValueError:
+            got = None
+        return JSONResponse({"object": "echo", "path": request.url.path, "body": got, "served_by": self.name})
+
     async def _models(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": []})
 
@@ -420,21 +486,23 @@ class StubWorker:
 
 
 class _EventStream(Response):
-    """SSE written event by event; with `die_after` it stops and leaves the body unfinished.
+    """SSE written event by event, as the stub's settings say (read once, at the start).
 
-    An ASGI app that returns before the body's last message makes uvicorn close the
-    connection without the closing chunk, as a crashed worker would. A stream whose client
-    leaves stops at once and calls `on_cut`, as vLLM aborts a request whose client is gone.
+    With `die_after_events` it stops and leaves the body unfinished (with `die_mid_event`,
+    after half of the next event): an ASGI app that returns before the body's last message
+    makes uvicorn close the connection without the closing chunk, as a crashed worker would.
+    A stream whose client leaves stops at once and counts as cut, as vLLM aborts a request
+    whose client is gone.
     """
 
-    def __init__(
-        self, events: list[bytes], interval_s: float, die_after: int | None, on_cut: Callable[[], None]
-    ) -> None:
+    def __init__(self, events: list[bytes], stub: StubWorker) -> None:
         super().__init__(media_type="text/event-stream")
         self._events = events
-        self._interval_s = interval_s
-        self._die_after = die_after
-        self._on_cut = on_cut
+        self._interval_s = stub.event_interval_s
+        self._die_after = stub.die_after_events
+        self._die_mid_event = stub.die_mid_event
+        self._on_cut = stub._count_cut
+        self._on_sent = stub._count_sent
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         gone = asyncio.Event()
@@ -453,6 +521,9 @@ class _EventStream(Response):
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             for i, event in enumerate(self._events):
                 if self._die_after is not None and i >= self._die_after:
+                    if self._die_mid_event:
+                        half = event[: len(event) // 2]
+                        await send({"type": "http.response.body", "body": half, "more_body": True})
                     return
                 if i and self._interval_s:
                     with contextlib.suppress(asyncio.TimeoutError):
@@ -461,8 +532,16 @@ class _EventStream(Response):
                     self._on_cut()
                     return
                 await send({"type": "http.response.body", "body": event, "more_body": True})
+                self._on_sent()
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await listener
+
+
+def _not_found(response_id: str) -> dict[str, Any]:
+    message = f"Response with id '{response_id}' not found."
+    return {
+        "error": {"message": message, "type": "invalid_request_error", "param": "response_id", "code": 404}
+    }

@@ -26,6 +26,7 @@ from fastapi import FastAPI
 from tests.support.stub_worker import RunningServer, StubWorker, serve_in_thread
 from vpool.config import GatewaySettings, ModelSpec, Settings
 from vpool.gateway.app import create_app
+from vpool.gateway.routing import RoutingPolicy
 from vpool.gateway.server import gateway_server
 from vpool.gateway.state import GatewayState
 from vpool.registry.memory_backend import MemoryRegistry
@@ -59,6 +60,7 @@ class GatewayHandle:
         worker_id: str | None = None,
         state: WorkerState = WorkerState.READY,
         waiting: int = 0,
+        max_model_len: int | None = None,
     ) -> WorkerRecord:
         """Register a stub (or any URL) and make the gateway see it now."""
         url = target if isinstance(target, str) else target.url
@@ -71,6 +73,7 @@ class GatewayHandle:
             models=list(models),
             state=state,
             load=WorkerLoad(waiting=waiting),
+            max_model_len=max_model_len,
         )
         self.server.call(self.registry.put(record, RECORD_TTL_S))
         self.refresh()
@@ -131,9 +134,14 @@ class Servers:
         max_body_bytes: int = 64 * 1024,
         max_attempts: int = 2,
         read_timeout_s: float = 10.0,
+        policy: RoutingPolicy | None = None,
+        customize: Callable[[FastAPI], None] | None = None,
         **gateway_settings: Any,
     ) -> GatewayHandle:
-        """A gateway over a registry of its own; `gateway_settings` are more GatewaySettings."""
+        """A gateway over a registry of its own; `gateway_settings` are more GatewaySettings.
+
+        `customize(app)` runs before it serves, as a team extending the app would.
+        """
         gateway_settings.setdefault("connect_timeout_s", 2.0)
         settings = Settings(
             gateway=GatewaySettings(
@@ -147,7 +155,9 @@ class Servers:
             models=[ModelSpec(name=name, model=f"builtin:{name}") for name in catalog],
         )
         registry = MemoryRegistry()
-        app = create_app(settings, registry)
+        app = create_app(settings, registry, policy)
+        if customize is not None:
+            customize(app)
         server = self.serve(
             app, server_factory=lambda app, host, port: gateway_server(app, settings.gateway, host, port)
         )

@@ -1,4 +1,9 @@
-"""HTTP/1.1 as raw clients speak it to the gateway: what SDKs hide, framing byte by byte."""
+"""HTTP/1.1 as raw clients speak it to the gateway, hostile ones included: framing byte by byte.
+
+The rule behind the attack cases: one response per request, always. A request whose
+framing is ambiguous (CL+TE, two lengths, folded headers, bare LF) is refused whole, so a
+load balancer in front and the gateway can never disagree about where a request ends.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,10 @@ import threading
 import time
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
 
+from tests.support.raw_worker import RawWorker
 from tests.support.stub_worker import StubWorker
 from tests.unit.conftest import MODEL, GatewayFactory, GatewayHandle
 
@@ -243,3 +250,188 @@ def test_a_keep_alive_connection_may_wait_between_requests_longer_than_the_read_
         responses = _responses(first + _read_to_eof(sock))
     assert [head.split(b"\r\n")[0] for head, _ in responses] == [b"HTTP/1.1 200 OK"] * 2
     assert stub.count == 2
+
+
+# --- framing as an attacker sees it ------------------------------------------------------------
+
+
+def _status_lines(raw: bytes) -> list[bytes]:
+    return [line for line in raw.split(b"\r\n") if line.startswith(b"HTTP/1.")]
+
+
+def _refused_whole(gateway: GatewayHandle, stub: StubWorker, raw_request: bytes) -> dict[str, object]:
+    """Send `raw_request`: exactly one 400 in the OpenAI shape, the connection closed, no worker reached."""
+    with _connect(gateway) as sock:
+        sock.sendall(raw_request)
+        raw = _read_to_eof(sock)
+    assert _status_lines(raw) == [b"HTTP/1.1 400 Bad Request"], raw
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert b"connection: close" in head.lower()
+    error = json.loads(body)["error"]
+    assert error["type"] == "invalid_request_error"
+    assert stub.count == 0
+    return error
+
+
+def test_h2c_upgrade_with_a_chunked_body_is_one_request_answered_once(
+    gateway: GatewayHandle, stub: StubWorker
+) -> None:
+    body = _body(max_tokens=7)
+    smuggled = b"GET /v1/models HTTP/1.1\r\nhost: gw\r\n\r\n"
+    with _connect(gateway) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
+            b"connection: Upgrade, HTTP2-Settings\r\nupgrade: h2c\r\n"
+            b"http2-settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n"
+            b"transfer-encoding: chunked\r\n\r\n" + b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body) + smuggled
+        )
+        raw = _read_to_eof(sock)  # answered, then closed: the bytes after the body are never read
+    assert _status_lines(raw) == [b"HTTP/1.1 200 OK"], raw
+    assert json.loads(raw.partition(b"\r\n\r\n")[2])["object"] == "chat.completion"
+    assert [json.loads(b)["max_tokens"] for b in stub.bodies] == [7]
+
+
+def test_h2c_upgrade_with_a_length_keeps_its_body_and_nothing_after_it_is_a_request(
+    gateway: GatewayHandle, stub: StubWorker
+) -> None:
+    body = _body(max_tokens=9)
+    with _connect(gateway) as sock:
+        sock.sendall(
+            _request(body, extra=b"connection: Upgrade\r\nupgrade: h2c\r\n") + _request(_body(max_tokens=1))
+        )
+        raw = _read_to_eof(sock)
+    assert _status_lines(raw) == [b"HTTP/1.1 200 OK"], raw
+    assert [json.loads(b)["max_tokens"] for b in stub.bodies] == [9]
+
+
+def test_upgrade_without_a_body_is_answered_as_http_1_1_then_closed(gateway: GatewayHandle) -> None:
+    with _connect(gateway) as sock:
+        sock.sendall(
+            _get(b"/health", extra=b"connection: Upgrade\r\nupgrade: websocket\r\n") + _get(b"/health")
+        )
+        raw = _read_to_eof(sock)
+    assert _status_lines(raw) == [b"HTTP/1.1 200 OK"], raw
+    assert b"connection: close" in raw.lower()
+
+
+def test_content_length_with_transfer_encoding_is_refused_whole(
+    gateway: GatewayHandle, stub: StubWorker
+) -> None:
+    body = _body()
+    _refused_whole(
+        gateway,
+        stub,
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-length: %d\r\n"
+        b"transfer-encoding: chunked\r\n\r\n%x\r\n%b\r\n0\r\n\r\n" % (len(body), len(body), body),
+    )
+
+
+@pytest.mark.parametrize("second", [b"5", b"%d"])
+def test_two_content_lengths_are_refused_whole(
+    gateway: GatewayHandle, stub: StubWorker, second: bytes
+) -> None:
+    body = _body()
+    lengths = b"content-length: %d\r\ncontent-length: " % len(body) + (
+        second % len(body) if b"%" in second else second
+    )
+    _refused_whole(
+        gateway, stub, b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\n" + lengths + b"\r\n\r\n" + body
+    )
+
+
+def test_a_folded_header_is_refused_whole(gateway: GatewayHandle, stub: StubWorker) -> None:
+    body = _body()
+    _refused_whole(gateway, stub, _request(body, extra=b"x-note: one\r\n two\r\n"))
+
+
+@pytest.mark.parametrize(
+    "raw_request",
+    [
+        b"POST /v1/chat/completions HTTP/1.1\nhost: gw\ncontent-length: 2\n\n{}",
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\ncontent-length: 2\r\n\r\n{}",
+    ],
+    ids=["bare-lf-everywhere", "bare-lf-in-a-header"],
+)
+def test_bare_lf_line_endings_are_refused_whole(
+    gateway: GatewayHandle, stub: StubWorker, raw_request: bytes
+) -> None:
+    _refused_whole(gateway, stub, raw_request)
+
+
+def test_two_host_headers_are_refused_whole(gateway: GatewayHandle, stub: StubWorker) -> None:
+    error = _refused_whole(gateway, stub, _request(_body(), extra=b"host: other\r\n"))
+    assert error["code"] == "duplicate_header"
+
+
+def test_two_authorization_headers_are_refused_even_when_one_is_right(
+    start_gateway: GatewayFactory, stub: StubWorker
+) -> None:
+    gw = start_gateway(api_keys=["sk-right"])
+    gw.add_worker(stub)
+    with _connect(gw) as sock:
+        sock.sendall(
+            _request(
+                _body(),
+                extra=b"authorization: Bearer sk-wrong\r\nauthorization: Bearer sk-right\r\n"
+                b"connection: close\r\n",
+            )
+        )
+        ((head, body),) = _responses(_read_to_eof(sock))
+    assert head.startswith(b"HTTP/1.1 400")
+    assert json.loads(body)["error"]["code"] == "duplicate_header"
+    assert stub.count == 0
+
+
+def test_an_absolute_form_target_is_routed_like_its_path(gateway: GatewayHandle, stub: StubWorker) -> None:
+    body = _body()
+    with _connect(gateway) as sock:
+        sock.sendall(_request(body, extra=b"connection: close\r\n").replace(CHAT, b"http://gw" + CHAT, 1))
+        ((head, answer),) = _responses(_read_to_eof(sock))
+    assert head.startswith(b"HTTP/1.1 200")
+    assert json.loads(answer)["object"] == "chat.completion"
+    assert stub.received[0].path == "/v1/chat/completions"
+
+
+def test_every_answer_carries_a_date(gateway: GatewayHandle) -> None:
+    with _connect(gateway) as sock:
+        sock.sendall(_request(_body(model="nobody-serves-it"), extra=b"connection: close\r\n"))
+        ((head, _),) = _responses(_read_to_eof(sock))
+    date = next(line for line in head.split(b"\r\n") if line.lower().startswith(b"date:"))
+    time.strptime(date.split(b":", 1)[1].strip().decode(), "%a, %d %b %Y %H:%M:%S GMT")
+
+
+# --- the worker's side: an answer delimited by closing the connection --------------------------
+
+
+def test_a_workers_close_delimited_answer_is_relayed_whole_and_counts_as_success(
+    start_gateway: GatewayFactory,
+) -> None:
+    reply = json.dumps(
+        {"object": "chat.completion", "choices": [{"message": {"content": "x" * 5000}}]}
+    ).encode()
+    worker = RawWorker(
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n" + reply
+    )
+    gw = start_gateway(eject_after_failures=1)
+    with worker.running():
+        gw.add_worker(worker.url)
+        for _ in range(3):  # a failure would have ejected the worker after the first
+            with _connect(gw) as sock:
+                sock.sendall(_request(_body(), extra=b"connection: close\r\n"))
+                ((head, answer),) = _responses(_read_to_eof(sock))
+            assert head.startswith(b"HTTP/1.1 200")
+            assert answer == reply
+    assert len(worker.requests) == 3
+    assert gw.state.fleet.ejector.ejected() == []
+
+
+def test_a_workers_close_delimited_stream_reaches_the_client_complete(start_gateway: GatewayFactory) -> None:
+    events = b'data: {"n": 1}\n\ndata: {"n": 2}\n\ndata: [DONE]\n\n'
+    worker = RawWorker(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n" + events)
+    gw = start_gateway()
+    with worker.running():
+        gw.add_worker(worker.url)
+        with httpx.Client(timeout=10) as http:
+            resp = http.post(gw.url + "/v1/chat/completions", content=_body(stream=True))
+    assert resp.status_code == 200
+    assert resp.content == events

@@ -26,7 +26,7 @@ from vpool.auth import BearerKeys
 from vpool.background import cancel_and_wait
 from vpool.config import ControllerSettings, EndpointSpec
 from vpool.controller.external import EXTERNAL_TTL_S, ExternalProber
-from vpool.controller.probe import probe_health
+from vpool.controller.probe import probe_health, served_max_model_len
 from vpool.controller.schemas import ControllerHealth, WorkerList
 from vpool.errors import InvalidRequest, NotFound, VpoolError
 from vpool.http_errors import install_error_handlers
@@ -87,6 +87,8 @@ def create_controller_app(
                 code="health_probe_failed",
             )
         record = WorkerRecord(**body.model_dump(exclude={"url"}), url=url, state=WorkerState.READY)
+        if record.kind == "external" and record.max_model_len is None:
+            record.max_model_len = await served_max_model_len(request.app.state.http, url, record.models)
         await _registry_call(registry.put(record, EXTERNAL_TTL_S if record.kind == "external" else ttl))
         if record.kind == "external":
             request.app.state.prober.remember(record)

@@ -21,7 +21,7 @@ import logging
 import httpx
 
 from vpool.config import ControllerSettings, EndpointSpec
-from vpool.controller.probe import probe_health
+from vpool.controller.probe import probe_health, served_max_model_len
 from vpool.registry.protocol import Registry, RegistryHealth, RegistryUnavailable
 from vpool.registry.records import WorkerLoad, WorkerRecord, WorkerState
 
@@ -102,7 +102,10 @@ class ExternalProber:
         worker_id = endpoint_worker_id(spec.url)
         current = await self._registry.heartbeat(worker_id, WorkerLoad(), self._ttl)
         if current is None or current.state != state:
-            await self._registry.put(endpoint_record(spec, state), self._ttl)
+            record = endpoint_record(spec, state)
+            if healthy:
+                record.max_model_len = await served_max_model_len(self._http, spec.url, spec.models)
+            await self._registry.put(record, self._ttl)
 
     async def _restore(self, record: WorkerRecord) -> None:
         healthy = await probe_health(self._http, record.url)

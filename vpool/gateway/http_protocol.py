@@ -35,6 +35,9 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from vpool.errors import InvalidRequest, VpoolError
 
+REJECT_LINGER_S = 2.0
+MAX_DISCARD_BYTES = 16 * 1024 * 1024
+
 
 @dataclass(frozen=True)
 class ProtocolLimits:
@@ -65,13 +68,17 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._deadline: asyncio.TimerHandle | None = None
         self._declined: _DeclinedUpgradeBody | None = None  # the raw body of a declined upgrade
-        self._done_reading = False  # a declined upgrade was answered: read nothing after it
+        self._done_reading = False  # answered for good: what the client still sends is dropped
+        self._discarded = 0
 
     # reading
 
     def data_received(self, data: bytes) -> None:
         self._unset_keepalive_if_required()
         if self._done_reading:
+            self._discarded += len(data)
+            if self._discarded > MAX_DISCARD_BYTES:
+                self.transport.close()
             return
         if self._declined is not None:
             self._declined.feed(data)
@@ -182,8 +189,12 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             408, InvalidRequest(f"The request did not arrive within {timeout:g} s.", code="request_timeout")
         )
 
-    def _refuse(self, status: int, error: VpoolError) -> None:
-        """Answer a request the app will not see, then close the connection."""
+    def _refuse(self, status: int, error: VpoolError, linger: bool = False) -> None:
+        """Answer a request the app will not see, then close the connection.
+
+        With `linger`, what the client is still sending is read and dropped for a while
+        first: closing with unread input resets the connection, and the answer is lost.
+        """
         self._cancel_deadline()
         self._done_reading = True
         if self.transport.is_closing():
@@ -196,7 +207,10 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body)
         )
         self.transport.write(b"".join(head) + body)
-        self.transport.close()
+        if linger:
+            self.loop.call_later(REJECT_LINGER_S, self.transport.close)
+        else:
+            self.transport.close()
 
     def _cancel_deadline(self) -> None:
         if self._deadline is not None:

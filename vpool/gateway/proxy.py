@@ -57,6 +57,8 @@ SSE_HEADERS = (b"cache-control", b"no-cache")
 # Answers that mean "not this worker, not now": vLLM's server or a proxy in front of it
 # when it is overloaded, starting or shutting down. Retried on another worker.
 _RETRIED_STATUS_KINDS = {502: "http_502", 503: "http_503"}
+# How much of a new response's stream is searched for its id (its first event).
+_MAX_FIRST_EVENT = 64 * 1024
 
 
 class Interruptible(Protocol):
@@ -356,9 +358,8 @@ class Exchange:
         self._last_activity = monotonic()
         if self._stream:
             self._ended_cleanly = data.endswith(b"\n\n")
-            if self._learn_owner and self._worker is not None:
-                found = self._proxy.response_owners.learn_from_events(data, self._worker.worker_id)
-                self._learn_owner = not found
+            if self._learn_owner:
+                self._learn_from_stream(data)
             self._client.write_chunk(data)
         else:
             self._buffer.append(data)
@@ -393,6 +394,21 @@ class Exchange:
                     self._proxy.response_owners.learn_from_body(body, worker.worker_id)
         self._client.respond(status, body, headers=[(b"x-vpool-worker", self._worker_header)])
         self._finish(status)
+
+    def _learn_from_stream(self, data: bytes) -> None:
+        """Find the new response's id in the stream's first event (response.created)."""
+        buffered = self._buffer
+        buffered.append(data)
+        seen = b"".join(buffered)
+        end = seen.find(b"\n\n")
+        if end < 0 and len(seen) < _MAX_FIRST_EVENT:
+            return  # the first event is not whole yet
+        if self._worker is not None:
+            self._proxy.response_owners.learn_from_events(
+                seen[: end if end >= 0 else None], self._worker.worker_id
+            )
+        self._learn_owner = False
+        self._buffer = []
 
     def on_read_done(self) -> None:
         """What one read from the worker brought has been relayed: send it on."""

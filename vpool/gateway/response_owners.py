@@ -53,7 +53,7 @@ class ResponseOwners:
             self.remember(answer["id"], worker_id)
 
     def learn_from_events(self, data: bytes, worker_id: str) -> bool:
-        """Stream bytes: remember the id in a `response.created` event; True once found."""
+        """A stream's first events: remember the id in `response.created`; True if found."""
         if _CREATED_EVENT not in data:
             return False
         for line in data.split(b"\n"):
