@@ -22,5 +22,6 @@ if ! command -v wrk >/dev/null; then
 fi
 
 .venv/bin/ruff check vpool tests benchmarks
+.venv/bin/ruff format --check vpool tests benchmarks
 .venv/bin/mypy vpool
 .venv/bin/python -m pytest "$@"
