@@ -91,7 +91,7 @@ async def one_request(session: aiohttp.ClientSession, url: str, stream: bool, ta
                 tally.lost(f"status {resp.status}, {'stream' if is_sse else 'json'}: {raw[-120:]!r}")
             else:
                 tally.outcomes[verdict] += 1
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError) as exc:
         tally.lost(f"{type(exc).__name__}: {exc}")
 
 

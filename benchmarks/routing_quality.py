@@ -133,7 +133,7 @@ async def send(
                     if received == 0:
                         out.ttft = loop.time() - scheduled
                     received += 1
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError) as exc:
         out.error = type(exc).__name__
         return out
     now = loop.time()

@@ -140,7 +140,7 @@ async def measure_streams(
         while time.perf_counter() < deadline:
             try:
                 timings.append(await read_stream(session, url, body))
-            except (StreamError, aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
+            except (TimeoutError, StreamError, aiohttp.ClientError, OSError) as error:
                 errors[_describe(error)] += 1
                 await asyncio.sleep(0.05)  # a refused connection must not spin
 
@@ -214,7 +214,7 @@ async def open_streams(
         try:
             await read_stream(session, url, body, on_open=on_open)
             state["completed"] += 1
-        except (StreamError, aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
+        except (TimeoutError, StreamError, aiohttp.ClientError, OSError) as error:
             errors[_describe(error)] += 1
         finally:
             if was_open:

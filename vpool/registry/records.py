@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import time
-from enum import Enum
+from enum import StrEnum
 from typing import Literal
 
 from pydantic import BaseModel, Field
 
 
-class WorkerState(str, Enum):
+class WorkerState(StrEnum):
     """LAUNCHING → READY → DRAINING → GONE, or FAILED. Only READY workers get traffic."""
 
     LAUNCHING = "LAUNCHING"

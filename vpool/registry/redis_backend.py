@@ -181,7 +181,7 @@ class RedisRegistry:
         try:
             async with asyncio.timeout(self._timeout_s):
                 yield
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, RedisError, OSError) as exc:
             if isinstance(exc, RedisConnectionError):
                 with contextlib.suppress(RedisError, OSError):
                     await self._client.connection_pool.disconnect(inuse_connections=False)
