@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from vpool.cli import _parse_engine_args, app
+from vpool.cli import app
+from vpool.cli.common import parse_engine_args as _parse_engine_args
 from vpool.config import ModelSpec
 from vpool.worker.model_source import pick_dtype, resolve_model_path
 from vpool.worker.vllm_adapter import parse_vllm_args, vllm_cli_args

@@ -1,4 +1,4 @@
-"""The `vpool` command: up (all in one), gateway, controller, worker."""
+"""`vpool up` (all in one), `vpool gateway`, `vpool controller`, `vpool worker`."""
 
 from __future__ import annotations
 
@@ -9,64 +9,22 @@ from typing import Annotated, Any
 
 import typer
 
-from vpool.config import ConfigError, ModelSpec, RoutingName, Settings, load_settings
-from vpool.serving import run
-
-app = typer.Typer(
-    help="vpool: one OpenAI-compatible endpoint in front of a pool of vLLM workers.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
+from vpool.cli.common import (
+    ConfigOpt,
+    HostOpt,
+    NoAuthOpt,
+    PortOpt,
+    RegistryOpt,
+    RoutingOpt,
+    app,
+    model_from_flag,
+    parse_engine_args,
+    require_shared_registry,
+    settings_from,
+    start_logging,
 )
-
-ConfigOpt = Annotated[
-    Path | None,
-    typer.Option("--config", "-c", help="YAML file: models, endpoints, gateway, registry."),
-]
-HostOpt = Annotated[str | None, typer.Option(help="Address the gateway binds (default 127.0.0.1).")]
-PortOpt = Annotated[int | None, typer.Option(help="Gateway port (default 8000).")]
-NoAuthOpt = Annotated[
-    bool,
-    typer.Option("--no-auth", help="Serve a non-loopback address with no API key, on purpose."),
-]
-RoutingOpt = Annotated[
-    RoutingName | None,
-    typer.Option(help="How the gateway picks among a model's workers (default least_outstanding)."),
-]
-RegistryOpt = Annotated[
-    str | None, typer.Option("--redis-url", help="Shared registry, e.g. redis://127.0.0.1:6379/0.")
-]
-
-
-def _settings(config: Path | None, overrides: dict[str, Any]) -> Settings:
-    try:
-        return load_settings(config, _drop_none(overrides))
-    except ConfigError as exc:
-        typer.secho(str(exc), fg="red", err=True)
-        raise typer.Exit(2) from None
-
-
-def _drop_none(data: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            value = _drop_none(value)
-            if value:
-                out[key] = value
-        elif value is not None:
-            out[key] = value
-    return out
-
-
-def _logging() -> None:
-    from vpool.logs import setup_logging
-
-    setup_logging()
-
-
-def _model_from_flag(model: str) -> ModelSpec:
-    name = Path(model).name if Path(model).exists() else model
-    return ModelSpec(name=name, model=model)
+from vpool.config import ModelSpec
+from vpool.serving import run
 
 
 @app.command()
@@ -104,9 +62,9 @@ def up(
         "registry": {"url": redis_url},
         "cache_dir": cache_dir,
     }
-    settings = _settings(config, overrides)
+    settings = settings_from(config, overrides)
     if model:
-        settings.models = [_model_from_flag(m) for m in model]
+        settings.models = [model_from_flag(m) for m in model]
     elif not settings.models and not settings.endpoints:
         settings.models = [spec.model_copy(deep=True) for spec in DEFAULT_CATALOG]
     raise typer.Exit(run(run_up(settings, make_console())))
@@ -129,7 +87,7 @@ def gateway(
     behind one load balancer: all shared state lives in Redis."""
     from vpool.gateway.processes import serve_gateway
 
-    settings = _settings(
+    settings = settings_from(
         config,
         {
             "gateway": {
@@ -142,8 +100,8 @@ def gateway(
             "registry": {"url": redis_url},
         },
     )
-    _require_shared_registry(settings)
-    _logging()
+    require_shared_registry(settings)
+    start_logging()
     if settings.gateway.is_open:
         typer.secho(
             f"No API key configured: the gateway is open, on {settings.gateway.host} only.",
@@ -167,9 +125,11 @@ def controller(
     """Run the controller: the worker registry's API, and the config's models launched locally."""
     from vpool.controller.service import run_controller
 
-    settings = _settings(config, {"controller": {"host": host, "port": port}, "registry": {"url": redis_url}})
-    _require_shared_registry(settings)
-    _logging()
+    settings = settings_from(
+        config, {"controller": {"host": host, "port": port}, "registry": {"url": redis_url}}
+    )
+    require_shared_registry(settings)
+    start_logging()
     raise typer.Exit(run(run_controller(settings, launch=launch)))
 
 
@@ -232,12 +192,12 @@ def worker(
             max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization,
             chat_template=chat_template,
-            engine_args=_parse_engine_args(engine_arg or []),
+            engine_args=parse_engine_args(engine_arg or []),
         )
     except (ValidationError, ValueError) as exc:
         typer.secho(f"invalid worker options: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None
-    _logging()
+    start_logging()
     options = WorkerOptions(
         spec=spec,
         controller_url=controller,
@@ -251,35 +211,3 @@ def worker(
         drain_timeout_s=drain_timeout,
     )
     raise typer.Exit(asyncio.run(run_worker(options)))
-
-
-def _parse_engine_args(pairs: list[str]) -> dict[str, Any]:
-    """`KEY=VALUE` pairs; values are YAML scalars (true, 4096, 0.5, [a, b], {k: v})."""
-    import yaml
-
-    parsed: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--engine-arg expects KEY=VALUE, got `{pair}`")
-        parsed[key.strip().lstrip("-").replace("-", "_")] = yaml.safe_load(value) if value else ""
-    return parsed
-
-
-def _require_shared_registry(settings: Settings) -> None:
-    if settings.registry.url.startswith("memory://"):
-        typer.secho(
-            "Split mode needs a shared registry: pass --redis-url redis://HOST:6379/0 "
-            "(or registry.url in the config). For one process, use `vpool up`.",
-            fg="red",
-            err=True,
-        )
-        raise typer.Exit(2)
-
-
-def main() -> None:
-    app()
-
-
-if __name__ == "__main__":
-    main()

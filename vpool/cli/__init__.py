@@ -1,0 +1,10 @@
+"""The `vpool` command. Each module registers its commands on the one typer app."""
+
+from __future__ import annotations
+
+from vpool.cli import serve as _serve  # noqa: F401  (registers up, gateway, controller, worker)
+from vpool.cli.common import app
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,5 @@
+"""`python -m vpool.cli ...`, as the tests and launchers start vpool."""
+
+from vpool.cli import main
+
+main()
