@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 
 from vpool.registry.memory_backend import MemoryRegistry
 from vpool.registry.protocol import Registry, RegistryUnavailable
-from vpool.registry.records import WorkerLoad, WorkerRecord, WorkerState
+from vpool.registry.records import JobRecord, JobState, WorkerLoad, WorkerRecord, WorkerState
 from vpool.registry.redis_backend import RedisRegistry
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -259,3 +259,57 @@ async def test_frozen_or_absent_redis_raises_registry_unavailable(failure: str, 
             assert time.monotonic() - started < 1.5
     finally:
         await registry.close()
+
+
+# --- jobs ---------------------------------------------------------------------------------
+
+
+def make_job(job_id: str = "41", **changes: object) -> JobRecord:
+    fields: dict[str, object] = {
+        "job_id": job_id,
+        "launcher": "slurm",
+        "model": "tiny-chat",
+        "state": JobState.PENDING,
+        "reason": "Resources",
+        "config": {"partition": "debug", "gpus_per_node": 1},
+        "log_dir": f"/logs/tiny/tiny-chat.{job_id}",
+    }
+    fields.update(changes)
+    return JobRecord.model_validate(fields)
+
+
+async def test_a_job_put_is_got_back_equal_and_replaced_whole(registry: Registry) -> None:
+    job = make_job()
+    await registry.put_job(job)
+    assert await registry.get_job("41") == job
+    ready = job.model_copy(
+        update={"state": JobState.READY, "reason": None, "worker_urls": ["http://n1:9000"]}
+    )
+    await registry.put_job(ready)
+    assert await registry.get_job("41") == ready
+    assert await registry.get_job("nobody") is None
+
+
+async def test_jobs_are_listed_oldest_first_and_outlive_any_worker_ttl(registry: Registry) -> None:
+    for i, submitted in enumerate([30.0, 10.0, 20.0]):
+        await registry.put_job(make_job(str(100 + i), submitted_at=submitted))
+    await registry.put(make_record("short"), SHORT_TTL_S)
+    await asyncio.sleep(SHORT_TTL_S + 0.2)
+    assert [j.job_id for j in await registry.list_jobs()] == ["101", "102", "100"]
+
+
+async def test_a_removed_job_is_gone(registry: Registry) -> None:
+    await registry.put_job(make_job("7"))
+    await registry.remove_job("7")
+    await registry.remove_job("never-there")
+    assert await registry.get_job("7") is None
+    assert await registry.list_jobs() == []
+
+
+async def test_jobs_handed_out_are_copies(registry: Registry) -> None:
+    await registry.put_job(make_job("9"))
+    job = await registry.get_job("9")
+    assert job is not None
+    job.worker_ids.append("changed-outside")
+    again = await registry.get_job("9")
+    assert again is not None and again.worker_ids == []

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from vpool.registry.records import WorkerLoad, WorkerRecord, WorkerState
+from vpool.registry.records import JobRecord, WorkerLoad, WorkerRecord, WorkerState
 
 
 class MemoryRegistry:
@@ -19,6 +19,7 @@ class MemoryRegistry:
 
     def __init__(self) -> None:
         self._entries: dict[str, tuple[WorkerRecord, float]] = {}
+        self._jobs: dict[str, JobRecord] = {}
 
     async def put(self, record: WorkerRecord, ttl_s: float) -> None:
         """Insert or replace a record, alive for `ttl_s` seconds."""
@@ -57,6 +58,20 @@ class MemoryRegistry:
         for worker_id in expired:
             del self._entries[worker_id]
         return [record.model_copy(deep=True) for record, _ in self._entries.values()]
+
+    async def put_job(self, job: JobRecord) -> None:
+        self._jobs[job.job_id] = job.model_copy(deep=True)
+
+    async def get_job(self, job_id: str) -> JobRecord | None:
+        job = self._jobs.get(job_id)
+        return None if job is None else job.model_copy(deep=True)
+
+    async def list_jobs(self) -> list[JobRecord]:
+        jobs = sorted(self._jobs.values(), key=lambda j: (j.submitted_at, j.job_id))
+        return [job.model_copy(deep=True) for job in jobs]
+
+    async def remove_job(self, job_id: str) -> None:
+        self._jobs.pop(job_id, None)
 
     async def close(self) -> None:
         """Nothing to release; present because every backend has it."""

@@ -17,7 +17,7 @@ from collections.abc import Awaitable
 from typing import Protocol, TypeVar
 
 from vpool.config import RegistrySettings
-from vpool.registry.records import WorkerLoad, WorkerRecord, WorkerState
+from vpool.registry.records import JobRecord, WorkerLoad, WorkerRecord, WorkerState
 
 log = logging.getLogger("vpool.registry")
 T = TypeVar("T")
@@ -84,6 +84,20 @@ class Registry(Protocol):
     async def list_workers(self) -> list[WorkerRecord]:
         """Every live record, in no particular order."""
         ...
+
+    # Jobs: durable records of launches, kept until removed (no TTL).
+
+    async def put_job(self, job: JobRecord) -> None:
+        """Insert or replace a job record."""
+        ...
+
+    async def get_job(self, job_id: str) -> JobRecord | None: ...
+
+    async def list_jobs(self) -> list[JobRecord]:
+        """Every job record, oldest submitted first."""
+        ...
+
+    async def remove_job(self, job_id: str) -> None: ...
 
     async def close(self) -> None: ...
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -62,3 +62,36 @@ class RegistrationAccepted(BaseModel):
     worker_id: str
     heartbeat_interval_s: float
     ttl_s: float
+
+
+class JobState(StrEnum):
+    """A launched job: PENDING (queued) → LAUNCHING (running, engine loading) → READY
+    (its workers serve), or FAILED; SHUTDOWN once stopped on purpose."""
+
+    PENDING = "PENDING"
+    LAUNCHING = "LAUNCHING"
+    READY = "READY"
+    FAILED = "FAILED"
+    SHUTDOWN = "SHUTDOWN"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.FAILED, JobState.SHUTDOWN)
+
+
+class JobRecord(BaseModel):
+    """One launch, as the controller keeps it (durable: no TTL, unlike worker records)."""
+
+    job_id: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:+-]+$")
+    launcher: Literal["local", "slurm"]
+    model: str = Field(min_length=1)  # the catalog name; also the name it is served under
+    state: JobState = JobState.PENDING
+    reason: str | None = None  # why PENDING (Slurm's reason) or FAILED
+    submitted_at: float = Field(default_factory=time.time)
+    updated_at: float = Field(default_factory=time.time)
+    # The launch config as printed at launch (catalog entry with the overrides applied).
+    config: dict[str, Any] = Field(default_factory=dict)
+    worker_ids: list[str] = Field(default_factory=list)  # those this job starts
+    worker_urls: list[str] = Field(default_factory=list)  # once they registered
+    log_dir: str = ""  # LOG_DIR/FAMILY/NAME.JOB: sbatch script, launch.json, worker log
+    batch: str | None = None  # the heterogeneous job this one is a component of

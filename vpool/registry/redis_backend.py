@@ -10,6 +10,9 @@ This is the only module that knows the key layout. With `prefix` the configured
         load                 the WorkerLoad as JSON
         last_heartbeat       Unix time in seconds, as a float
 
+    {prefix}:jobs            HASH job id → the JobRecord as JSON (durable: no TTL; give
+                             Redis persistence to keep jobs across its restarts)
+
 Liveness is the hash's TTL: a worker that stops heartbeating loses its hash and nothing else
 has to notice. Its id stays in the index until the next `list_workers` finds the hash gone
 and removes it. `put` writes the whole hash in one MULTI/EXEC; `heartbeat` and `set_state`
@@ -46,7 +49,7 @@ from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 
 from vpool.registry.protocol import RegistryUnavailable
-from vpool.registry.records import WorkerLoad, WorkerRecord, WorkerState
+from vpool.registry.records import JobRecord, WorkerLoad, WorkerRecord, WorkerState
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +90,7 @@ class RedisRegistry:
         self._timeout_s = timeout_s
         self._prefix = key_prefix
         self._index = f"{key_prefix}:workers"
+        self._jobs = f"{key_prefix}:jobs"
         self._where = _describe(client)
         self._heartbeat = client.register_script(_HEARTBEAT_LUA)
         self._set_state = client.register_script(_SET_STATE_LUA)
@@ -159,6 +163,25 @@ class RedisRegistry:
         records = (_decode(wid, fields) for wid, fields in zip(ids, replies, strict=True) if fields)
         return [record for record in records if record is not None]
 
+    async def put_job(self, job: JobRecord) -> None:
+        async with self._bounded("put_job"):
+            await self._client.hset(self._jobs, job.job_id, job.model_dump_json())
+
+    async def get_job(self, job_id: str) -> JobRecord | None:
+        async with self._bounded("get_job"):
+            raw = await self._client.hget(self._jobs, job_id)
+        return None if raw is None else _decode_job(job_id, raw)
+
+    async def list_jobs(self) -> list[JobRecord]:
+        async with self._bounded("list_jobs"):
+            raw = await self._client.hgetall(self._jobs)
+        jobs = [job for job_id, value in raw.items() if (job := _decode_job(_text(job_id), value))]
+        return sorted(jobs, key=lambda j: (j.submitted_at, j.job_id))
+
+    async def remove_job(self, job_id: str) -> None:
+        async with self._bounded("remove_job"):
+            await self._client.hdel(self._jobs, job_id)
+
     async def close(self) -> None:
         async with self._bounded("close"):
             await self._client.aclose()
@@ -210,6 +233,14 @@ def _decode(worker_id: str, raw: Mapping[Any, Any]) -> WorkerRecord | None:
         return WorkerRecord.model_validate(data)
     except (KeyError, ValueError, TypeError, ValidationError) as exc:
         log.warning("ignoring malformed registry entry for worker %s: %s", worker_id, exc)
+        return None
+
+
+def _decode_job(job_id: str, raw: str | bytes) -> JobRecord | None:
+    try:
+        return JobRecord.model_validate_json(raw)
+    except ValidationError as exc:
+        log.warning("ignoring malformed job record %s: %s", job_id, exc)
         return None
 
 
