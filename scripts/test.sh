@@ -21,6 +21,20 @@ if ! command -v wrk >/dev/null; then
   (apt-get update -qq && apt-get install -y -qq wrk) >/dev/null
 fi
 
+# The console's browser test (tests/integration/test_console_browser.py) drives the system
+# Chromium through its driver: Selenium is never left to download a browser.
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+  echo "chromium is not installed: installing chromium and chromium-driver"
+  (apt-get update -qq && apt-get install -y -qq chromium chromium-driver) >/dev/null
+fi
+
+# The Slurm tests (tests/integration/test_slurm.py) start a one-node Slurm of their own:
+# its daemons and munge come from Debian's packages.
+if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
+  echo "Slurm is not installed: installing slurm-wlm and munge"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge) >/dev/null
+fi
+
 .venv/bin/ruff check vpool tests benchmarks
 .venv/bin/ruff format --check vpool tests benchmarks
 .venv/bin/mypy vpool

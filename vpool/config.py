@@ -8,6 +8,7 @@ and `VPOOL_REGISTRATION_TOKEN=t`), the YAML file, the defaults below.
 from __future__ import annotations
 
 import os
+import sys
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
@@ -95,10 +96,35 @@ class GatewaySettings(BaseModel):
         return not self.api_keys
 
 
+class LaunchSettings(BaseModel):
+    """How the controller launches jobs (`vpool launch`): where their files go, how workers
+    reach back, which catalog names the models."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # LOG_DIR/FAMILY/NAME.JOB/ holds each job's sbatch script, launch.json and worker log.
+    log_dir: Path = Field(default_factory=lambda: default_cache_dir() / "jobs")
+    # The interpreter jobs run `vpool worker` with (on a cluster: a path every node sees).
+    python: str = Field(default_factory=lambda: sys.executable)
+    # The controller's URL as workers on other hosts reach it; unset: this host's name.
+    controller_url: str | None = None
+    # Where custom models' weights live, as FAMILY-VARIANT directories.
+    weights_dir: Path | None = None
+    # User catalogs merged over the built-in one, in order (also VPOOL_CATALOG=a:b).
+    catalog: list[Path] = Field(default_factory=list)
+    # How often running jobs' states are read again (squeue, the registry, the processes).
+    poll_interval_s: float = Field(2.0, gt=0)
+    # `vpool shutdown`: how long a worker may drain before it is killed.
+    shutdown_grace_s: float = Field(300.0, gt=0)
+
+
 class ControllerSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(8001, ge=0, le=65535)
     registration_token: str | None = None
+    # Guards the admin API (`/admin/v1/...`: jobs). Unset: it answers loopback clients only.
+    admin_token: str | None = None
+    launch: LaunchSettings = Field(default_factory=LaunchSettings)
     heartbeat_interval_s: float = Field(1.0, gt=0)
     # A worker that misses this many heartbeats drops out of routing.
     expiry_intervals: int = Field(3, ge=1)
@@ -222,6 +248,8 @@ def _shorthand_env() -> dict[str, Any]:
         overrides.setdefault("gateway", {})["api_keys"] = [k for k in keys.split(",") if k.strip()]
     if token := os.environ.get("VPOOL_REGISTRATION_TOKEN"):
         overrides.setdefault("controller", {})["registration_token"] = token
+    if admin := os.environ.get("VPOOL_ADMIN_TOKEN"):
+        overrides.setdefault("controller", {})["admin_token"] = admin
     return overrides
 
 

@@ -41,6 +41,8 @@ ENGINE_START_TIMEOUT_S = 600
 class Fleet:
     controller_url: str
     gateway_urls: list[str]
+    config_path: Path
+    prefix: str  # the session's Redis key prefix: other controllers may join the same registry
     workers: dict[str, Proc] = field(default_factory=dict)
     others: list[Proc] = field(default_factory=list)
 
@@ -119,7 +121,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Ite
         _spawn(f"gateway-{i}", ["gateway", "--config", str(config_path), "--port", str(p)], work, env)
         for i, p in enumerate(gateway_ports)
     ]
-    fleet = Fleet(controller_url, [f"http://127.0.0.1:{p}" for p in gateway_ports])
+    fleet = Fleet(controller_url, [f"http://127.0.0.1:{p}" for p in gateway_ports], config_path, prefix)
     fleet.others = [controller, *gateways]
     try:
         _wait_http(f"{controller_url}/health", controller)

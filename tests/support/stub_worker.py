@@ -11,6 +11,9 @@ It keeps every request it got, raw body included, so a test can check what the g
 the `make_server` given, as the real processes are: the gateway passes its own) in a thread
 of its own, on 127.0.0.1 and a port the kernel picks. Real sockets matter: httpx's
 ASGITransport buffers whole responses, so it cannot show streaming.
+
+`python -m tests.support.stub_worker --port N` serves a stub as a process of its own, for a
+test that must kill a server the way a crash would.
 """
 
 from __future__ import annotations
@@ -545,3 +548,23 @@ def _not_found(response_id: str) -> dict[str, Any]:
     return {
         "error": {"message": message, "type": "invalid_request_error", "param": "response_id", "code": 404}
     }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m tests.support.stub_worker --port N`: a stub worker as a process of its own,
+    for tests that need a server to kill (the console's browser test registers one with the
+    controller as an external server)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--name", default="stub")
+    parser.add_argument("--events", type=int, default=3)
+    parser.add_argument("--event-interval-s", type=float, default=0.0)
+    args = parser.parse_args(argv)
+    stub = StubWorker(args.name, events=args.events, event_interval_s=args.event_interval_s)
+    make_server(stub.app, "127.0.0.1", args.port, graceful_s=1.0).run()
+
+
+if __name__ == "__main__":
+    main()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from vpool.cli import catalog as _catalog  # noqa: F401  (registers list, plan)
+from vpool.cli import jobs as _jobs  # noqa: F401  (registers launch, status, jobs, metrics, ...)
 from vpool.cli import serve as _serve  # noqa: F401  (registers up, gateway, controller, worker)
 from vpool.cli.common import app
 

@@ -161,7 +161,11 @@ def worker(
     port: Annotated[int, typer.Option(help="Worker port; 0 picks a free one.")] = 0,
     advertise_url: Annotated[str | None, typer.Option(help="URL gateways use to reach this worker.")] = None,
     worker_id: Annotated[
-        str | None, typer.Option(help="Stable id in the registry (default: NAME-random).")
+        str | None,
+        typer.Option(
+            envvar="VPOOL_WORKER_ID",
+            help="Stable id in the registry (default: NAME-random). Jobs set it from their job id.",
+        ),
     ] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Where builtin models are generated.")] = None,
     drain_delay: Annotated[

@@ -20,12 +20,15 @@ from contextlib import asynccontextmanager
 from typing import TypeVar
 
 import httpx
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 
 from vpool.auth import BearerKeys
 from vpool.background import cancel_and_wait
+from vpool.catalog.catalog import load_catalog
 from vpool.config import ControllerSettings, EndpointSpec
 from vpool.controller.external import EXTERNAL_TTL_S, ExternalProber
+from vpool.controller.jobs import JobManager
+from vpool.controller.jobs_api import jobs_router
 from vpool.controller.probe import probe_health, served_max_model_len
 from vpool.controller.schemas import ControllerHealth, WorkerList
 from vpool.errors import InvalidRequest, NotFound, VpoolError
@@ -65,19 +68,25 @@ def create_controller_app(
         async with httpx.AsyncClient(timeout=settings.health_probe_timeout_s) as http:
             app.state.http = http
             prober = app.state.prober = ExternalProber(registry, http, endpoints or [], settings, status)
-            task = asyncio.create_task(prober.run())
+            jobs = app.state.jobs = JobManager(
+                settings, registry, lambda: load_catalog(settings.launch.catalog), http
+            )
+            tasks = [asyncio.create_task(prober.run()), asyncio.create_task(jobs.run())]
             try:
                 yield
             finally:
-                await cancel_and_wait(task)
+                for task in tasks:
+                    await cancel_and_wait(task)
+                await jobs.stop_local()
 
     async def require_token(request: Request) -> None:
         keys.check(request.headers.get("authorization"))
 
-    app = FastAPI(title="vpool controller", lifespan=lifespan, dependencies=[Depends(require_token)])
+    app = FastAPI(title="vpool controller", lifespan=lifespan)
     install_error_handlers(app)
+    workers = APIRouter(dependencies=[Depends(require_token)])
 
-    @app.post("/v1/workers", status_code=201)
+    @workers.post("/v1/workers", status_code=201)
     async def register(body: Registration, request: Request) -> RegistrationAccepted:
         url = body.url.rstrip("/")
         if not await probe_health(request.app.state.http, url):
@@ -98,14 +107,14 @@ def create_controller_app(
             ttl_s=ttl,
         )
 
-    @app.post("/v1/workers/{worker_id}/heartbeat")
+    @workers.post("/v1/workers/{worker_id}/heartbeat")
     async def heartbeat(worker_id: str, load: WorkerLoad) -> WorkerRecord:
         record = await _registry_call(registry.heartbeat(worker_id, load, ttl))
         if record is None:
             raise NotFound(f"worker {worker_id} is not registered", code="worker_not_found")
         return record
 
-    @app.post("/v1/workers/{worker_id}/drain")
+    @workers.post("/v1/workers/{worker_id}/drain")
     async def drain(worker_id: str) -> WorkerRecord:
         # Long TTL: a draining worker stops heartbeating but may serve for minutes.
         record = await _registry_call(
@@ -115,7 +124,7 @@ def create_controller_app(
             raise NotFound(f"worker {worker_id} is not registered", code="worker_not_found")
         return record
 
-    @app.delete("/v1/workers/{worker_id}")
+    @workers.delete("/v1/workers/{worker_id}")
     async def deregister(worker_id: str, request: Request) -> WorkerRecord:
         request.app.state.prober.forget(worker_id)
         record = await _registry_call(registry.set_state(worker_id, WorkerState.GONE, GONE_TTL_S))
@@ -123,13 +132,13 @@ def create_controller_app(
             raise NotFound(f"worker {worker_id} is not registered", code="worker_not_found")
         return record
 
-    @app.get("/v1/workers")
+    @workers.get("/v1/workers")
     async def list_workers() -> WorkerList:
         records = await _registry_call(registry.list_workers())
         records.sort(key=lambda r: (r.models[0], r.worker_id))
         return WorkerList(data=records)
 
-    @app.get("/health")
+    @workers.get("/health")
     async def health() -> ControllerHealth:
         # From the outcome of recent calls (the endpoint prober makes one every heartbeat
         # interval): no registry call here, so a frozen Redis cannot hold /health.
@@ -140,4 +149,6 @@ def create_controller_app(
             registry_error=None if status.ok else status.last_error,
         )
 
+    app.include_router(workers)
+    app.include_router(jobs_router(settings))
     return app

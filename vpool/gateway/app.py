@@ -27,6 +27,7 @@ from vpool.auth import single_authorization
 from vpool.config import Settings
 from vpool.errors import ModelNotFound
 from vpool.gateway.api_models import ErrorResponse, GatewayHealth, ModelCard, ModelList
+from vpool.gateway.console import install_console
 from vpool.gateway.data_routes import DataRoutes, serve_data_route
 from vpool.gateway.docs import install_docs
 from vpool.gateway.routing import RoutingPolicy
@@ -135,6 +136,7 @@ def create_app(settings: Settings, registry: Registry, policy: RoutingPolicy | N
         return Response(m.render(), media_type=PROMETHEUS_CONTENT_TYPE)
 
     install_docs(app)
+    install_console(app)
     return app
 
 

@@ -26,6 +26,7 @@ class GatewayState:
     def __init__(self, settings: Settings, registry: Registry, policy: RoutingPolicy | None = None) -> None:
         g = settings.gateway
         self.settings = settings
+        self.registry = registry
         self.keys = BearerKeys(g.api_keys)
         self.max_body_bytes = g.max_body_bytes
         self.fleet = Fleet(

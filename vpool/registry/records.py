@@ -95,3 +95,4 @@ class JobRecord(BaseModel):
     worker_urls: list[str] = Field(default_factory=list)  # once they registered
     log_dir: str = ""  # LOG_DIR/FAMILY/NAME.JOB: sbatch script, launch.json, worker log
     batch: str | None = None  # the heterogeneous job this one is a component of
+    shutdown_requested_at: float | None = None  # `vpool shutdown`: it ends SHUTDOWN, not FAILED

@@ -12,6 +12,8 @@ MINILM = "all-MiniLM-L6-v2"
 def resolve_model_path(model: str, cache_dir: Path) -> str:
     """Turn `builtin:<name>` into a local directory; pass paths and hub ids through."""
     if not model.startswith(BUILTIN_PREFIX):
+        if model.startswith(("/", "./", "../", "~")) and not Path(model).expanduser().exists():
+            raise ValueError(f"the model path {model} does not exist (a local path: nothing to download)")
         return model
     name = model[len(BUILTIN_PREFIX) :]
     if name == TINY_CHAT:
