@@ -35,6 +35,22 @@ def _tiny_chat_workers(fleet) -> dict[str, str]:
     return {w["worker_id"]: w["url"] for w in fleet.admin_workers() if "tiny-chat" in w["models"]}
 
 
+def _everyone(fleet) -> dict[str, object]:
+    """Every engine's load, for a failure message: a worker that has gone says so."""
+
+    def load(url: str) -> object:
+        try:
+            return _unfinished(url)
+        except httpx.HTTPError as exc:
+            return f"unreachable: {exc}"
+
+    return {
+        w["worker_id"]: (w["url"], w["models"], load(w["url"]))
+        for w in fleet.admin_workers()
+        if w["runner"] == "generate"
+    }
+
+
 def _wait_until_busy(worker_urls: list[str], limit_s: float = 10.0) -> str:
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
@@ -66,13 +82,8 @@ def test_stream_client_leaving_aborts_the_generation(fleet, http: httpx.Client) 
             if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
                 break  # text is flowing
         unfinished = _unfinished(worker_url)
-        everyone = {
-            w["worker_id"]: (w["url"], w["models"], _unfinished(w["url"]))
-            for w in fleet.admin_workers()
-            if w["runner"] == "generate"
-        }
         assert unfinished == 1, (
-            f"{resp.headers['x-vpool-worker']} should be generating for us; all: {everyone}"
+            f"{resp.headers['x-vpool-worker']} should be generating for us; all: {_everyone(fleet)}"
             f" {workers}; the stream so far: {seen}"
         )
     # Leaving the block closed the connection mid-stream.

@@ -1,4 +1,5 @@
-"""`vpool launch --launcher slurm` on a real one-node Slurm that this test session starts.
+"""`vpool launch --launcher slurm` on a real Slurm that this test session starts (two nodes on
+this one host).
 
 A second controller joins the session fleet's registry (the same Redis prefix), with Slurm
 as its launcher and a user catalog holding two custom models: `slurm-chat` (tiny-chat's
@@ -9,6 +10,7 @@ workers register with it, and the session's gateways serve them.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -29,10 +31,14 @@ from vpool.client import VpoolClient, VpoolClientError, launch_request
 from vpool.launch import LaunchRequest
 from vpool.registry.records import JobState
 
-pytestmark = pytest.mark.integration
+# A job waits for the engine to start on a machine that runs the session fleet too: give each
+# test more than the suite-wide 600 s.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
 ADMIN = "test-admin-token"
-READY_TIMEOUT_S = 600
+READY_TIMEOUT_S = 480
+SETTLED = {JobState.READY, JobState.FAILED}
+ENDED = {JobState.SHUTDOWN, JobState.FAILED}
 
 
 @dataclass
@@ -60,9 +66,11 @@ def controller(
     catalog = {
         "models": [
             {**tiny, "name": "slurm-chat", "variant": "slurm", "max_model_len": 1024,
-             "slurm": {"gpus_per_node": 0, "cpus_per_task": cluster.cpus, "partition": "debug"}},
+             "slurm": {"gpus_per_node": 0, "cpus_per_task": cluster.cpus, "partition": "debug",
+                       "mem_per_node": "4G"}},
             {**tiny, "name": "broken-chat", "variant": "broken", "model": "vpool-test/broken-chat",
-             "weights_dir": str(work / "no-such-weights"), "slurm": {"gpus_per_node": 0, "cpus_per_task": 1}},
+             "weights_dir": str(work / "no-such-weights"),
+             "slurm": {"gpus_per_node": 0, "cpus_per_task": 1, "mem_per_node": "2G"}},
         ]
     }  # fmt: skip
     (work / "catalog.yaml").write_text(yaml.safe_dump(catalog))
@@ -104,18 +112,37 @@ def controller(
         proc.stop(signal.SIGTERM, timeout=30)
 
 
-def _follow(client: VpoolClient, job_id: str, until: set[JobState], timeout_s: float) -> list[JobState]:
+def _follow(
+    controller: SlurmController, job_id: str, until: set[JobState], timeout_s: float
+) -> list[JobState]:
     """The states a job goes through (each once, in order) until one in `until`."""
     seen: list[JobState] = []
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        state = client.status(job_id).state
-        if not seen or seen[-1] != state:
-            seen.append(state)
-        if state in until:
-            return seen
-        time.sleep(0.5)
-    raise AssertionError(f"job {job_id} went {seen} and never reached {until}")
+    with controller.client() as client:
+        while time.monotonic() < deadline:
+            job = client.status(job_id)
+            if not seen or seen[-1] != job.state:
+                seen.append(job.state)
+            if job.state in until:
+                return seen
+            time.sleep(0.5)
+    raise AssertionError(
+        f"job {job_id} went {seen} and never reached {until}: {job}\n{_slurm_view(controller, job_id)}"
+    )
+
+
+def _slurm_view(controller: SlurmController, job_id: str) -> str:
+    """What Slurm and the job's own logs say, for a failure message."""
+    cluster = controller.cluster
+    parts = []
+    for argv in (("scontrol", "show", "job", job_id.split("+")[0]), ("sinfo", "-N", "-l")):
+        try:
+            parts.append(f"$ {' '.join(argv)}\n{cluster.run(*argv)}")
+        except (subprocess.SubprocessError, OSError) as exc:
+            parts.append(f"$ {' '.join(argv)}: {exc}")
+    for log in sorted(controller.log_dir.rglob("*.log")):
+        parts.append(f"--- {log}\n{log.read_text(errors='replace')[-2000:]}")
+    return "\n".join([*parts, cluster.logs()])
 
 
 def _chat(gateway_url: str, model: str) -> httpx.Response:
@@ -136,7 +163,7 @@ def test_a_slurm_job_goes_pending_launching_ready_serves_then_shuts_down(
         assert job.state == JobState.PENDING and job.launcher == "slurm"
         seen = [
             JobState.PENDING,
-            *_follow(client, job.job_id, {JobState.READY, JobState.FAILED}, READY_TIMEOUT_S),
+            *_follow(controller, job.job_id, SETTLED, READY_TIMEOUT_S),
         ]
         assert [s for i, s in enumerate(seen) if i == 0 or seen[i - 1] != s] == [
             JobState.PENDING, JobState.LAUNCHING, JobState.READY,
@@ -157,18 +184,21 @@ def test_a_slurm_job_goes_pending_launching_ready_serves_then_shuts_down(
             time.sleep(0.3)
         assert answer.headers["x-vpool-worker"] == job.worker_ids[0]
 
-        # The node is full now: a second job waits, with Slurm's reason.
-        (waiting,) = client.launch("slurm-chat", launcher="slurm")
-        time.sleep(3)
-        queued = client.status(waiting.job_id)
+        # A job that needs both nodes waits while one is busy, with Slurm's reason; one that
+        # asks for more memory than any node has waits for good.
+        (waiting,) = client.launch("slurm-chat", launcher="slurm", num_nodes=2)
+        (too_big,) = client.launch("slurm-chat", launcher="slurm", mem="500G")
+        time.sleep(4)
+        queued, never = client.status(waiting.job_id), client.status(too_big.job_id)
         assert queued.state == JobState.PENDING and queued.reason == "Resources", queued
-        client.shutdown(waiting.job_id)
-        assert (
-            _follow(client, waiting.job_id, {JobState.SHUTDOWN, JobState.FAILED}, 60)[-1] == JobState.SHUTDOWN
-        )
+        assert never.state == JobState.PENDING and never.reason == "BadConstraints", never
+        for pending in (waiting, too_big):
+            client.shutdown(pending.job_id)
+            ended = _follow(controller, pending.job_id, ENDED, 60)
+            assert ended[-1] == JobState.SHUTDOWN
 
         client.shutdown(job.job_id)
-        assert _follow(client, job.job_id, {JobState.SHUTDOWN, JobState.FAILED}, 120)[-1] == JobState.SHUTDOWN
+        assert _follow(controller, job.job_id, ENDED, 120)[-1] == JobState.SHUTDOWN
         assert _chat(fleet.gateway_url, "slurm-chat").status_code in (404, 503)
         assert job.job_id not in controller.cluster.run("squeue", "-h", "-o", "%i").split()
 
@@ -176,7 +206,7 @@ def test_a_slurm_job_goes_pending_launching_ready_serves_then_shuts_down(
 def test_a_job_whose_weights_do_not_exist_ends_failed_with_the_reason(controller: SlurmController) -> None:
     with controller.client() as client:
         (job,) = client.launch("broken-chat", launcher="slurm")
-        assert _follow(client, job.job_id, {JobState.READY, JobState.FAILED}, 300)[-1] == JobState.FAILED
+        assert _follow(controller, job.job_id, SETTLED, 300)[-1] == JobState.FAILED
         failed = client.status(job.job_id)
     assert failed.reason is not None
     assert "Slurm: FAILED" in failed.reason  # the worker exited 1, so did the job
@@ -200,11 +230,11 @@ def test_a_batch_launch_is_one_heterogeneous_job_with_a_component_per_model(
         assert {f"{leader}+0", f"{leader}+1"} <= set(components) or not components  # done already is fine
         script = Path(jobs[0].log_dir, "launch.sbatch").read_text()
         assert script.count("#SBATCH hetjob") == 1 and "--het-group=1" in script
-        embed = _follow(client, f"{leader}+0", {JobState.READY, JobState.FAILED}, READY_TIMEOUT_S)
+        embed = _follow(controller, f"{leader}+0", SETTLED, READY_TIMEOUT_S)
         assert embed[-1] == JobState.READY, client.log(f"{leader}+0", -3000)[0]
         for job in jobs:
             client.shutdown(job.job_id)
-        final = [_follow(client, j.job_id, {JobState.SHUTDOWN, JobState.FAILED}, 120)[-1] for j in jobs]
+        final = [_follow(controller, j.job_id, ENDED, 120)[-1] for j in jobs]
     assert final[0] == JobState.SHUTDOWN
 
 
@@ -226,3 +256,38 @@ def test_the_admin_api_wants_its_token_and_unknown_names_are_clear_errors(
 
 def _request(model: str, **overrides: object) -> LaunchRequest:
     return launch_request(model, "slurm", **overrides)
+
+
+def _vpool(controller: SlurmController, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**controller.cluster.env(), "VPOOL_CONTROLLER_URL": controller.url, "VPOOL_ADMIN_TOKEN": ADMIN}
+    return subprocess.run(
+        [sys.executable, "-m", "vpool.cli", *args], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_the_cli_launches_a_local_job_shows_its_metrics_and_shuts_it_down(
+    controller: SlurmController, fleet: Fleet
+) -> None:
+    launched = _vpool(controller, "launch", "slurm-chat", "--launcher", "local", "--json")
+    assert launched.returncode == 0, launched.stderr
+    job = json.loads(launched.stdout)
+    assert job["launcher"] == "local" and job["state"] == "LAUNCHING"
+    assert _follow(controller, job["job_id"], SETTLED, READY_TIMEOUT_S)[-1] == JobState.READY
+    status = json.loads(_vpool(controller, "status", job["job_id"], "--json").stdout)
+    assert status["state"] == "READY" and status["worker_urls"]
+    deadline = time.monotonic() + 10
+    while _chat(fleet.gateway_url, "slurm-chat").status_code != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    metrics = _vpool(controller, "metrics", job["job_id"], "--once", "--json")
+    assert metrics.returncode == 0, metrics.stderr
+    (worker,) = json.loads(metrics.stdout)["workers"]
+    assert worker["successful_requests_total"] >= 1 and worker["generation_tokens_total"] >= 1
+    assert "kv_cache_usage" in worker and "generation_throughput" in worker
+    listed = json.loads(_vpool(controller, "jobs", "--json").stdout)
+    assert job["job_id"] in [j["job_id"] for j in listed]
+    assert "registered as" in _vpool(controller, "logs", job["job_id"]).stdout
+    assert _vpool(controller, "shutdown", job["job_id"]).returncode == 0
+    assert _follow(controller, job["job_id"], ENDED, 120)[-1] == JobState.SHUTDOWN
+    unknown = _vpool(controller, "status", "no-such-job", "--json")
+    assert unknown.returncode == 2 and json.loads(unknown.stdout)["error"]["status"] == 404

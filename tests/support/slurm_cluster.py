@@ -1,9 +1,10 @@
-"""A one-node Slurm cluster on this machine, started by the tests (Debian's slurm-wlm, munge).
+"""A small Slurm cluster on this machine, started by the tests (Debian's slurm-wlm, munge).
 
 munged with a key of its own, a `slurm.conf` in a temporary directory (free ports, its own
-spool and state directories), `slurmctld` and `slurmd` in the foreground as child
-processes. Commands find it through `SLURM_CONF`, which `env()` sets. Needs root (the
-daemons run as root, `SlurmUser=root`), as in CI.
+spool and state directories), `slurmctld` and two `slurmd` (two nodes on this one host, each
+with half its CPUs) in the foreground as child processes. Commands find it through
+`SLURM_CONF`, which `env()` sets. Needs root (the daemons run as root, `SlurmUser=root`),
+as in CI.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ PARTITION = "debug"
 class SlurmCluster:
     root: Path
     conf: Path
-    node: str
-    cpus: int
+    nodes: list[str]
+    cpus: int  # per node
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def env(self) -> dict[str, str]:
@@ -88,7 +89,14 @@ def _wait(ready: object, what: str, timeout_s: float) -> None:
     raise RuntimeError(f"{what} did not come up within {timeout_s:g} s")
 
 
-def _write_conf(root: Path, node: str, cpus: int) -> Path:
+def _write_conf(root: Path, node: str, names: list[str], cpus: int) -> Path:
+    """Two Slurm nodes on this one host (one slurmd each, on its own port): heterogeneous job
+    components never share a node, so a batch of two needs two."""
+    nodes = "\n".join(
+        f"NodeName={name} NodeHostname={node} NodeAddr=127.0.0.1 Port={free_port()}"
+        f" CPUs={cpus} RealMemory=10000 State=UNKNOWN"
+        for name in names
+    )
     (root / "spool").mkdir()
     (root / "state").mkdir()
     conf = root / "slurm.conf"
@@ -104,9 +112,9 @@ SlurmdPort={free_port()}
 StateSaveLocation={root / "state"}
 SlurmdSpoolDir={root / "spool" / "slurmd-%n"}
 SlurmctldPidFile={root / "slurmctld.pid"}
-SlurmdPidFile={root / "slurmd.pid"}
+SlurmdPidFile={root / "slurmd-%n.pid"}
 SlurmctldLogFile={root / "slurmctld.log"}
-SlurmdLogFile={root / "slurmd.log"}
+SlurmdLogFile={root / "slurmd-%n.log"}
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -115,12 +123,12 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 ReturnToService=2
 SchedulerType=sched/backfill
-SchedulerParameters=sched_interval=1
+SchedulerParameters=sched_interval=1,bf_interval=1
 MinJobAge=600
 KillWait=30
 MpiDefault=none
-NodeName={node} CPUs={cpus} RealMemory=20000 State=UNKNOWN
-PartitionName={PARTITION} Nodes={node} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+{nodes}
+PartitionName={PARTITION} Nodes={",".join(names)} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 """
     )
     return conf
@@ -132,20 +140,22 @@ def slurm_cluster(root: Path) -> Iterator[SlurmCluster]:
     for tool in ("slurmctld", "slurmd", "sbatch", "munged"):
         if shutil.which(tool) is None:
             raise RuntimeError(f"`{tool}` is not installed: apt-get install slurm-wlm munge")
-    node = socket.gethostname().split(".")[0]
-    cpus = os.cpu_count() or 1
-    conf = _write_conf(root, node, cpus)
-    cluster = SlurmCluster(root, conf, node, cpus)
+    host = socket.gethostname().split(".")[0]
+    names = ["vpool-n1", "vpool-n2"]
+    cpus = max(1, (os.cpu_count() or 2) // len(names))
+    conf = _write_conf(root, host, names, cpus)
+    cluster = SlurmCluster(root, conf, names, cpus)
     env = cluster.env()
     munge = _start_munge(root)
     if munge is not None:
         cluster.processes.append(munge)
     try:
-        for daemon in ("slurmctld", "slurmd"):
-            with (root / f"{daemon}.out.log").open("wb") as out:
+        daemons = [("slurmctld", []), *(("slurmd", ["-N", name]) for name in names)]
+        for daemon, extra in daemons:
+            with (root / f"{daemon}{'-' + extra[1] if extra else ''}.out.log").open("wb") as out:
                 cluster.processes.append(
                     subprocess.Popen(
-                        [daemon, "-D", "-f", str(conf)],
+                        [daemon, "-D", *extra, "-f", str(conf)],
                         env=env,
                         stdout=out,
                         stderr=subprocess.STDOUT,
@@ -158,7 +168,8 @@ def slurm_cluster(root: Path) -> Iterator[SlurmCluster]:
                 out = cluster.run("sinfo", "-h", "-N", "-o", "%T")
             except subprocess.SubprocessError:
                 return False
-            return out.strip() in ("idle", "mixed", "allocated")
+            states = out.split()
+            return len(states) == len(names) and all(s in ("idle", "mixed", "allocated") for s in states)
 
         try:
             _wait(node_idle, "the Slurm node", 60)

@@ -12,10 +12,14 @@ import json
 import socket
 import threading
 import time
+from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
+import httptools
 import httpx
 import pytest
+from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
 
 from tests.support.raw_worker import RawWorker
 from tests.support.stub_worker import StubWorker
@@ -46,6 +50,28 @@ def _read_to_eof(sock: socket.socket) -> bytes:
     while chunk := sock.recv(65536):
         data += chunk
     return data
+
+
+class _Answer:
+    """One response as llhttp (httptools) reads it: strictly framed, header names lowercased."""
+
+    def __init__(self, raw: bytes) -> None:
+        self.headers: dict[bytes, bytes] = {}
+        self.body = b""
+        self.complete = False
+        parser = httptools.HttpResponseParser(self)
+        parser.feed_data(raw)
+        self.status = parser.get_status_code()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        assert name.lower() not in self.headers, name
+        self.headers[name.lower()] = value
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+
+    def on_message_complete(self) -> None:
+        self.complete = True
 
 
 def _responses(raw: bytes) -> list[tuple[bytes, bytes]]:
@@ -114,6 +140,18 @@ def test_malformed_http_is_400_openai_error_and_closes(gateway: GatewayHandle, s
     assert head.startswith(b"HTTP/1.1 400")
     assert json.loads(body)["error"]["type"] == "invalid_request_error"
     assert stub.count == 0
+
+
+def test_a_refusal_is_well_formed_http_with_a_date_and_says_why(gateway: GatewayHandle) -> None:
+    with _connect(gateway) as sock:
+        sock.sendall(b"THIS IS NOT HTTP\r\n\r\n")
+        answer = _Answer(_read_to_eof(sock))
+    assert answer.status == 400 and answer.complete
+    assert answer.headers[b"connection"] == b"close"
+    assert answer.headers[b"content-type"] == b"application/json"
+    time.strptime(answer.headers[b"date"].decode(), "%a, %d %b %Y %H:%M:%S GMT")
+    error = json.loads(answer.body)["error"]
+    assert error["code"] == "malformed_http" and error["message"]
 
 
 def test_keep_alive_connection_serves_requests_one_after_another(gateway: GatewayHandle) -> None:
@@ -188,6 +226,43 @@ def test_http_1_0_client_is_answered_and_told_the_connection_closes(gateway: Gat
     assert json.loads(body)["status"] == "ok"
 
 
+def test_http_1_0_client_gets_a_paced_stream_whole_then_the_close(
+    gateway: GatewayHandle, stub: StubWorker
+) -> None:
+    stub.events, stub.event_interval_s = 3, 0.1  # each event a write of its own, the last after 0.2 s
+    with _connect(gateway) as sock:
+        sock.sendall(_request(_body(stream=True), version=b"1.0"))
+        answer = _Answer(_read_to_eof(sock))
+    assert answer.status == 200
+    assert answer.headers[b"content-type"].startswith(b"text/event-stream")
+    assert answer.headers[b"connection"] == b"close"
+    assert b"transfer-encoding" not in answer.headers and b"content-length" not in answer.headers
+    assert answer.body == b"".join(stub.stream_events(MODEL))
+
+
+def _team_feed(app: FastAPI) -> None:
+    """A team's own route whose answer has no length: a stream."""
+
+    @app.api_route("/team/feed", methods=["GET", "HEAD"])
+    async def feed() -> StreamingResponse:
+        async def lines() -> AsyncIterator[bytes]:
+            yield b"one\n"
+            yield b"two\n"
+
+        return StreamingResponse(lines(), media_type="text/plain")
+
+
+@pytest.mark.parametrize("path", [b"/health", b"/team/feed"], ids=["sized", "streamed"])
+def test_http_1_0_head_gets_the_headers_and_no_body(start_gateway: GatewayFactory, path: bytes) -> None:
+    gw = start_gateway(customize=_team_feed)
+    with _connect(gw) as sock:
+        sock.sendall(b"HEAD " + path + b" HTTP/1.0\r\nhost: gw\r\n\r\n")
+        raw = _read_to_eof(sock)
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert rest == b""
+
+
 def test_nothing_after_a_connection_close_request_is_answered(
     gateway: GatewayHandle, stub: StubWorker
 ) -> None:
@@ -252,6 +327,38 @@ def test_a_keep_alive_connection_may_wait_between_requests_longer_than_the_read_
     assert stub.count == 2
 
 
+def test_a_request_begun_during_a_long_stream_gets_its_408_only_after_the_stream(
+    start_gateway: GatewayFactory, stub: StubWorker
+) -> None:
+    gw = start_gateway(request_read_timeout_s=0.5)
+    gw.add_worker(stub)
+    stub.events, stub.event_interval_s = 6, 0.2  # a stream of over a second: two read timeouts
+    with _connect(gw) as sock:
+        sock.sendall(_request(_body(stream=True)) + b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\n")
+        raw = _read_to_eof(sock)  # the second request never finishes: 408, then closed
+    assert _status_lines(raw) == [b"HTTP/1.1 200 OK", b"HTTP/1.1 408 Request Timeout"]
+    stream, _, timeout = raw.partition(b"\r\n0\r\n\r\nHTTP/1.1 408")  # the stream's last chunk, then the 408
+    assert timeout and b"data: [DONE]" in stream
+    assert stub.count == 1
+
+
+def test_a_body_still_dripping_after_its_answer_gets_no_second_answer(
+    start_gateway: GatewayFactory, stub: StubWorker
+) -> None:
+    gw = start_gateway(api_keys=["sk-right"], request_read_timeout_s=0.5)
+    gw.add_worker(stub)
+    request = _request(_body())  # no key: answered 401 from its head alone
+    sent_at_once = request.index(b"\r\n\r\n") + 4
+    with _connect(gw) as sock:
+        sock.sendall(request[:sent_at_once])
+        dripping = threading.Thread(target=_drip, args=(sock, request[sent_at_once:], 0.2))
+        dripping.start()
+        raw = _read_to_eof(sock)  # at the read timeout the gateway closes
+        dripping.join()
+    assert _status_lines(raw) == [b"HTTP/1.1 401 Unauthorized"]
+    assert stub.count == 0
+
+
 # --- framing as an attacker sees it ------------------------------------------------------------
 
 
@@ -312,6 +419,33 @@ def test_upgrade_without_a_body_is_answered_as_http_1_1_then_closed(gateway: Gat
         raw = _read_to_eof(sock)
     assert _status_lines(raw) == [b"HTTP/1.1 200 OK"], raw
     assert b"connection: close" in raw.lower()
+
+
+def test_h2c_upgrade_with_a_malformed_chunked_body_is_refused_whole(
+    gateway: GatewayHandle, stub: StubWorker
+) -> None:
+    error = _refused_whole(
+        gateway,
+        stub,
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nconnection: Upgrade\r\nupgrade: h2c\r\n"
+        b"transfer-encoding: chunked\r\n\r\nnot-a-size\r\n{}\r\n0\r\n\r\n",
+    )
+    assert error["code"] == "malformed_http" and error["message"]
+
+
+def test_bytes_sent_after_a_declined_upgrades_body_are_dropped_while_its_answer_streams(
+    gateway: GatewayHandle, stub: StubWorker
+) -> None:
+    stub.events, stub.event_interval_s = 4, 0.1
+    with _connect(gateway) as sock:
+        sock.sendall(_request(_body(stream=True), extra=b"connection: Upgrade\r\nupgrade: h2c\r\n"))
+        first = sock.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200")
+        sock.sendall(_request(_body(max_tokens=1)) + b"NOT HTTP AT ALL\r\n\r\n")  # mid-stream
+        raw = first + _read_to_eof(sock)
+    assert _status_lines(raw) == [b"HTTP/1.1 200 OK"], raw
+    assert raw.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
+    assert stub.count == 1
 
 
 def test_content_length_with_transfer_encoding_is_refused_whole(

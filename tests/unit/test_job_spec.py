@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import pytest
 
@@ -10,10 +12,12 @@ from vpool.cli.jobs import derive_metrics
 from vpool.config import ControllerSettings, LaunchSettings
 from vpool.controller.app import create_controller_app
 from vpool.controller.job_spec import DoesNotFit, UnknownModel, resolve
+from vpool.controller.jobs import JobManager
 from vpool.controller.worker_metrics import parse_vllm_metrics
-from vpool.errors import InvalidRequest
+from vpool.errors import InvalidRequest, VpoolError
 from vpool.launch import LaunchRequest
 from vpool.registry.memory_backend import MemoryRegistry
+from vpool.registry.records import JobRecord, JobState
 
 SETTINGS = LaunchSettings()
 
@@ -136,3 +140,21 @@ def test_vllm_metrics_become_the_figures_vpool_metrics_shows_with_throughput_bet
     row = derive_metrics(first.model_dump(), later.model_dump())
     assert (row["prompt_throughput"], row["generation_throughput"]) == (50.0, 200.0)
     assert derive_metrics(None, first.model_dump())["generation_throughput"] == 0.0
+
+
+async def test_a_controller_follows_its_own_jobs_and_leaves_another_controllers_alone(tmp_path: Path) -> None:
+    registry = MemoryRegistry()
+    settings = ControllerSettings(launch=LaunchSettings(log_dir=tmp_path))
+    async with httpx.AsyncClient() as http:
+        manager = JobManager(settings, registry, _catalog, http)
+        base = JobRecord(job_id="local-a", launcher="local", model="tiny-chat", state=JobState.LAUNCHING,
+                         log_dir=str(tmp_path))  # fmt: skip
+        await registry.put_job(base.model_copy(update={"controller": "another-host:8001"}))
+        await registry.put_job(base.model_copy(update={"job_id": "local-b", "controller": manager.owner}))
+        foreign = await manager.get("local-a")
+        assert foreign.state == JobState.LAUNCHING  # its controller has the process, not this one
+        own = await manager.get("local-b")
+        assert own.state == JobState.FAILED and "restarted" in (own.reason or "")
+        with pytest.raises(VpoolError) as missing:
+            await manager.get("nope")
+        assert missing.value.status_code == 404

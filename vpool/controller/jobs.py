@@ -102,6 +102,7 @@ class JobManager:
         self._http = http
         self._slurm = slurm or Slurm()
         self._local: dict[str, subprocess.Popen[bytes]] = {}
+        self.owner = f"{socket.getfqdn()}:{settings.port}"
         self._lock = asyncio.Lock()  # one state change per job at a time
 
     # launching
@@ -248,7 +249,13 @@ class JobManager:
     async def refresh(self, job: JobRecord) -> JobRecord:
         if job.state.finished:
             return job
+        if job.controller and job.controller != self.owner:
+            return job  # another controller's: it follows it
         async with self._lock:
+            # Read again under the lock: another caller may have moved it on meanwhile.
+            job = await self._registry.get_job(job.job_id) or job
+            if job.state.finished:
+                return job
             state, reason = await self._scheduler_view(job)
             if state == JobState.LAUNCHING:
                 urls = await self._ready_worker_urls(job)
@@ -276,7 +283,8 @@ class JobManager:
         try:
             found = await self._slurm.query([job.job_id])
         except SlurmError as exc:
-            return job.state, f"Slurm could not be asked: {exc}"
+            log.warning("could not read job %s from Slurm: %s", job.job_id, exc)
+            return job.state, job.reason  # unchanged until Slurm answers again
         slurm_job: SlurmJob | None = found.get(job.job_id)
         if slurm_job is None:
             return JobState.FAILED, "Slurm no longer knows this job"
@@ -354,6 +362,7 @@ class JobManager:
         return list(await asyncio.gather(*(read_worker_metrics(self._http, url) for url in job.worker_urls)))
 
     async def _save(self, job: JobRecord) -> JobRecord:
+        job.controller = job.controller or self.owner
         await self._registry.put_job(job)
         launch = {
             "job_id": job.job_id,

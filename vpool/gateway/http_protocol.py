@@ -111,7 +111,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
                 error = InvalidRequest(
                     "The request line and headers are too large.", code="headers_too_large"
                 )
-                self._refuse(431, error)
+                self._refuse(431, error, linger=True)  # it is still sending: let it read the 431
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_deadline()

@@ -96,3 +96,6 @@ class JobRecord(BaseModel):
     log_dir: str = ""  # LOG_DIR/FAMILY/NAME.JOB: sbatch script, launch.json, worker log
     batch: str | None = None  # the heterogeneous job this one is a component of
     shutdown_requested_at: float | None = None  # `vpool shutdown`: it ends SHUTDOWN, not FAILED
+    # The controller that launched it (host:port): only it follows the job, since only it
+    # has the job's local processes or its Slurm's commands.
+    controller: str = ""
