@@ -69,6 +69,13 @@ def test_a_batch_is_one_heterogeneous_job_with_a_worker_per_component() -> None:
     assert 'VPOOL_WORKER_ID="a-${SLURM_JOB_ID}-c0" srun --overlap --het-group=0' in script
     assert 'VPOOL_WORKER_ID="b-${SLURM_JOB_ID}-c1" srun --overlap --het-group=1' in script
     assert script.rstrip().endswith("wait")
+    # Each component logs under the leader's id (srun's %j would give the component's own).
+    line = next(li for li in script.splitlines() if "--het-group=1" in li)
+    output = line.split("--output=", 1)[1].split(" ", 1)[0]
+    expanded = subprocess.run(
+        ["bash", "-c", f"printf %s {output}"], env={"SLURM_JOB_ID": "42"}, capture_output=True, text=True
+    ).stdout
+    assert expanded == "/logs/x/b.42/worker.log"
 
 
 def test_scontrol_lines_give_state_reason_and_exit_code_per_job_and_component() -> None:
@@ -82,5 +89,5 @@ def test_scontrol_lines_give_state_reason_and_exit_code_per_job_and_component() 
     jobs = parse_scontrol(text)
     assert set(jobs) == {"41", "42+0", "42+1"}
     assert (jobs["41"].state, jobs["41"].reason, jobs["41"].ended) == ("PENDING", "Resources", False)
-    assert jobs["42+0"].nodes == "n1" and not jobs["42+0"].ended
+    assert jobs["42+0"].nodes == "n1" and not jobs["42+0"].ended and jobs["42+0"].reason is None
     assert (jobs["42+1"].state, jobs["42+1"].exit_code, jobs["42+1"].ended) == ("FAILED", "1:0", True)

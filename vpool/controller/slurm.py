@@ -87,7 +87,9 @@ def render_script(job_name: str, parts: Sequence[ScriptPart], python: str) -> st
     if len(parts) > 1:
         for i, part in enumerate(parts):
             argv = " ".join(shlex.quote(a) for a in part.worker_argv)
-            lines.append(f"srun --overlap --het-group={i} --output={shlex.quote(part.log_path)} {argv} &")
+            # srun's own %j would be the component's id: the leader's, from the batch step.
+            output = '"${SLURM_JOB_ID}"'.join(shlex.quote(piece) for piece in part.log_path.split("%j"))
+            lines.append(f"srun --overlap --het-group={i} --output={output} {argv} &")
         lines.append("wait")
         return "\n".join(lines) + "\n"
     (part,) = parts
@@ -123,7 +125,7 @@ class SlurmJob:
 
     job_id: str  # "123", or "123+1" for a component
     state: str  # PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, TIMEOUT, ...
-    reason: str
+    reason: str | None  # Slurm's "None" (no reason) is None
     exit_code: str = ""
     nodes: str = ""
     fields: dict[str, str] = field(default_factory=dict)
@@ -146,7 +148,7 @@ def parse_scontrol(text: str) -> dict[str, SlurmJob]:
         jobs[job_id] = SlurmJob(
             job_id=job_id,
             state=fields.get("JobState", "UNKNOWN"),
-            reason=fields.get("Reason", "None"),
+            reason=None if fields.get("Reason", "None") == "None" else fields["Reason"],
             exit_code=fields.get("ExitCode", ""),
             nodes=fields.get("NodeList", ""),
             fields=fields,
