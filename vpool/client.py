@@ -11,11 +11,19 @@
 `AsyncVpoolClient` has the same verbs as coroutines. `list` and `plan` read the catalog
 here, with no controller; every other verb asks the controller, and its errors arrive as
 `VpoolClientError` with the controller's OpenAI-shaped message.
+
+API keys, through the controller's admin API (the admin token):
+
+    made = fleet.create_key("team-a", models=["llama-3-8b"], rpm=600)
+    print(made["secret"])  # shown once: the controller keeps only its SHA-256 digest
+    fleet.update_key(made["key"]["key_id"], models=None)  # None: every model
+    fleet.revoke_key(made["key"]["key_id"])
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import os
 import time
 from pathlib import Path
@@ -27,6 +35,14 @@ from vpool.launch import BatchLaunchRequest, LaunchOverrides, LaunchRequest
 from vpool.registry.records import JobRecord, JobState
 
 DEFAULT_CONTROLLER = "http://127.0.0.1:8001"
+KEYS_PATH = "/admin/v1/keys"
+
+
+class _Unset(enum.Enum):
+    UNSET = "UNSET"
+
+
+UNSET = _Unset.UNSET  # `update_key`'s "leave this field as it is" (None clears where it can)
 
 
 class VpoolClientError(Exception):
@@ -161,6 +177,62 @@ class VpoolClient:
     def shutdown(self, job_id: str) -> JobRecord:
         return JobRecord.model_validate(self._call("DELETE", f"/admin/v1/jobs/{job_id}"))
 
+    # API keys, through the controller
+
+    def create_key(
+        self,
+        name: str,
+        *,
+        models: list[str] | None = None,
+        rpm: int | None = None,
+        tpm: int | None = None,
+        max_parallel: int | None = None,
+        priority: int | None = None,
+        expires_at: float | None = None,
+        meta: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """Make a key; the answer is `{"key": {...}, "secret": "vp-..."}`, the one time the
+        secret is shown. `models` None: every model; `expires_at` in seconds since the epoch."""
+        body = _key_body(name, models, rpm, tpm, max_parallel, priority, expires_at, meta)
+        result: dict[str, Any] = self._call("POST", KEYS_PATH, json=body)
+        return result
+
+    def keys(self) -> list[dict[str, Any]]:
+        """Every key, revoked ones included (never a secret)."""
+        result: list[dict[str, Any]] = self._call("GET", KEYS_PATH)["data"]
+        return result
+
+    def key(self, key_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("GET", f"{KEYS_PATH}/{key_id}")
+        return result
+
+    def update_key(
+        self,
+        key_id: str,
+        *,
+        name: str | _Unset = UNSET,
+        models: list[str] | _Unset | None = UNSET,
+        rpm: int | _Unset | None = UNSET,
+        tpm: int | _Unset | None = UNSET,
+        max_parallel: int | _Unset | None = UNSET,
+        priority: int | _Unset = UNSET,
+        expires_at: float | _Unset | None = UNSET,
+        meta: dict[str, str] | _Unset = UNSET,
+    ) -> dict[str, Any]:
+        """Change the fields given, and only those; None clears one (`models=None`: every
+        model, `rpm=None`: no limit, `expires_at=None`: never). The key as it is now."""
+        changes = _key_changes(
+            name=name, models=models, rpm=rpm, tpm=tpm, max_parallel=max_parallel,
+            priority=priority, expires_at=expires_at, meta=meta,
+        )  # fmt: skip
+        result: dict[str, Any] = self._call("PATCH", f"{KEYS_PATH}/{key_id}", json=changes)
+        return result
+
+    def revoke_key(self, key_id: str) -> dict[str, Any]:
+        """Revoke a key for good (every gateway refuses it within about a second)."""
+        result: dict[str, Any] = self._call("DELETE", f"{KEYS_PATH}/{key_id}")
+        return result
+
 
 class AsyncVpoolClient:
     """`VpoolClient`'s verbs as coroutines (the catalog ones stay plain functions there)."""
@@ -229,6 +301,79 @@ class AsyncVpoolClient:
 
     async def shutdown(self, job_id: str) -> JobRecord:
         return JobRecord.model_validate(await self._call("DELETE", f"/admin/v1/jobs/{job_id}"))
+
+    async def create_key(
+        self,
+        name: str,
+        *,
+        models: list[str] | None = None,
+        rpm: int | None = None,
+        tpm: int | None = None,
+        max_parallel: int | None = None,
+        priority: int | None = None,
+        expires_at: float | None = None,
+        meta: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """See `VpoolClient.create_key`: `{"key": {...}, "secret": "vp-..."}`, shown once."""
+        body = _key_body(name, models, rpm, tpm, max_parallel, priority, expires_at, meta)
+        result: dict[str, Any] = await self._call("POST", KEYS_PATH, json=body)
+        return result
+
+    async def keys(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = (await self._call("GET", KEYS_PATH))["data"]
+        return result
+
+    async def key(self, key_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call("GET", f"{KEYS_PATH}/{key_id}")
+        return result
+
+    async def update_key(
+        self,
+        key_id: str,
+        *,
+        name: str | _Unset = UNSET,
+        models: list[str] | _Unset | None = UNSET,
+        rpm: int | _Unset | None = UNSET,
+        tpm: int | _Unset | None = UNSET,
+        max_parallel: int | _Unset | None = UNSET,
+        priority: int | _Unset = UNSET,
+        expires_at: float | _Unset | None = UNSET,
+        meta: dict[str, str] | _Unset = UNSET,
+    ) -> dict[str, Any]:
+        """See `VpoolClient.update_key`: only the fields given are sent; None clears one."""
+        changes = _key_changes(
+            name=name, models=models, rpm=rpm, tpm=tpm, max_parallel=max_parallel,
+            priority=priority, expires_at=expires_at, meta=meta,
+        )  # fmt: skip
+        result: dict[str, Any] = await self._call("PATCH", f"{KEYS_PATH}/{key_id}", json=changes)
+        return result
+
+    async def revoke_key(self, key_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call("DELETE", f"{KEYS_PATH}/{key_id}")
+        return result
+
+
+def _key_body(
+    name: str,
+    models: list[str] | None,
+    rpm: int | None,
+    tpm: int | None,
+    max_parallel: int | None,
+    priority: int | None,
+    expires_at: float | None,
+    meta: dict[str, str] | None,
+) -> dict[str, Any]:
+    """A new key's fields; those left None are not sent (the controller's defaults)."""
+    body: dict[str, Any] = {
+        "name": name, "models": models, "rpm": rpm, "tpm": tpm, "max_parallel": max_parallel,
+        "priority": priority, "expires_at": expires_at, "meta": meta,
+    }  # fmt: skip
+    return {k: v for k, v in body.items() if v is not None}
+
+
+def _key_changes(**fields: Any) -> dict[str, Any]:
+    """The fields given (null where one is cleared); UNSET ones are not sent."""
+    return {k: v for k, v in fields.items() if v is not UNSET}
 
 
 def _jobs(answer: Any) -> list[JobRecord]:

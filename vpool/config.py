@@ -37,10 +37,29 @@ class ModelTimeouts(BaseModel):
     read_timeout_s: float | None = Field(None, gt=0)
 
 
+class KeyConfig(BaseModel):
+    """A key written in the config file, with what a key made by `vpool keys create` may have."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: str = Field(min_length=1)
+    name: str = ""
+    models: list[str] | None = None
+    rpm: int | None = Field(None, gt=0)
+    tpm: int | None = Field(None, gt=0)
+    max_parallel: int | None = Field(None, gt=0)
+    priority: int = Field(1, ge=1)
+
+
 class GatewaySettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    # Plain secrets, every one for every model; `keys` for named keys with limits.
     api_keys: list[str] = Field(default_factory=list)
+    keys: list[KeyConfig] = Field(default_factory=list)
+    # How often each gateway re-reads the key store (`vpool keys`): a key made or revoked
+    # anywhere takes effect everywhere within about this.
+    keys_refresh_interval_s: float = Field(0.5, gt=0)
     # Serving a non-loopback address with no key must be asked for explicitly.
     no_auth: bool = False
     max_body_bytes: int = Field(16 * 1024 * 1024, gt=0)
@@ -84,7 +103,7 @@ class GatewaySettings(BaseModel):
 
     @model_validator(mode="after")
     def _no_open_public_bind(self) -> GatewaySettings:
-        if self.host not in LOOPBACK_HOSTS and not self.api_keys and not self.no_auth:
+        if self.host not in LOOPBACK_HOSTS and self.is_open and not self.no_auth:
             raise ValueError(
                 f"refusing to serve {self.host} with no API key: set gateway.api_keys "
                 "(or VPOOL_API_KEYS), or pass --no-auth to serve it open on purpose"
@@ -93,7 +112,8 @@ class GatewaySettings(BaseModel):
 
     @property
     def is_open(self) -> bool:
-        return not self.api_keys
+        """No key in the config file (the key store may still hold some)."""
+        return not self.api_keys and not self.keys
 
 
 class LaunchSettings(BaseModel):
@@ -138,6 +158,9 @@ class ControllerSettings(BaseModel):
 class RegistrySettings(BaseModel):
     url: str = "memory://"
     key_prefix: str = "vpool"
+    # API keys with a memory:// registry (`vpool up`): a SQLite file, so they outlive the
+    # process. Unset: `keys.sqlite3` in the cache directory. With Redis, keys live there.
+    keys_file: Path | None = None
     # Every Redis call is bounded: a frozen Redis must not freeze the gateway.
     timeout_s: float = Field(1.0, gt=0)
 

@@ -21,6 +21,7 @@ from vpool.controller.app import create_controller_app
 from vpool.controller.launcher import LocalLauncher
 from vpool.gateway.app import create_app
 from vpool.gateway.server import gateway_server
+from vpool.registry.key_stores import open_key_store
 from vpool.registry.protocol import open_registry
 from vpool.registry.records import WorkerState
 from vpool.serving import (
@@ -58,9 +59,10 @@ async def run_up(settings: Settings, console: Console) -> int:
     registry = open_registry(settings.registry)
     c, g = settings.controller, settings.gateway
     controller_url = f"http://{'127.0.0.1' if c.host in ('0.0.0.0', '::') else c.host}:{c.port}"
-    controller = make_server(create_controller_app(c, registry, settings.endpoints), c.host, c.port)
+    keys = open_key_store(settings)
+    controller = make_server(create_controller_app(c, registry, settings.endpoints, keys), c.host, c.port)
     raise_open_file_limit()
-    gateway_app = create_app(settings, registry)
+    gateway_app = create_app(settings, registry, key_store=keys)
     gateway = gateway_server(gateway_app, g)
     stop = stop_event_on_signals()
     servers: list[tuple[uvicorn.Server, asyncio.Task[None]]] = [(controller, await start_server(controller))]
@@ -69,6 +71,8 @@ async def run_up(settings: Settings, console: Console) -> int:
         console.print("[yellow]vpool up runs one gateway process; for more: vpool gateway --processes N.[/]")
     if g.is_open:
         console.print(f"[yellow]No API key configured: the gateway is open, on {g.host} only.[/]")
+    if not c.admin_token:
+        console.print("[yellow]No admin token (VPOOL_ADMIN_TOKEN): the admin API answers loopback only.[/]")
     launcher = LocalLauncher(
         settings.models, controller_url, registry, settings.cache_dir, c.registration_token
     )
@@ -88,6 +92,7 @@ async def run_up(settings: Settings, console: Console) -> int:
         await launcher.stop_all()
         await stop_servers(*servers)
         await registry.close()
+        await keys.close()
     return code
 
 

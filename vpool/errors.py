@@ -82,7 +82,7 @@ class ModelNotFound(NotFound):
 
     def __init__(self, model: str) -> None:
         super().__init__(
-            f"The model `{model}` does not exist or is not served by this gateway.",
+            f"The model `{model}` does not exist or you do not have access to it.",
             param="model",
         )
 

@@ -29,6 +29,7 @@ from vpool.gateway.app import create_app
 from vpool.gateway.routing import RoutingPolicy
 from vpool.gateway.server import gateway_server
 from vpool.gateway.state import GatewayState
+from vpool.registry.keys import KeyStore
 from vpool.registry.memory_backend import MemoryRegistry
 from vpool.registry.records import WorkerLoad, WorkerRecord, WorkerState
 
@@ -136,9 +137,11 @@ class Servers:
         read_timeout_s: float = 10.0,
         policy: RoutingPolicy | None = None,
         customize: Callable[[FastAPI], None] | None = None,
+        key_store: KeyStore | None = None,
         **gateway_settings: Any,
     ) -> GatewayHandle:
         """A gateway over a registry of its own; `gateway_settings` are more GatewaySettings.
+        Its key store is `key_store`, else the test session's (empty) one.
 
         `customize(app)` runs before it serves, as a team extending the app would.
         """
@@ -155,7 +158,7 @@ class Servers:
             models=[ModelSpec(name=name, model=f"builtin:{name}") for name in catalog],
         )
         registry = MemoryRegistry()
-        app = create_app(settings, registry, policy)
+        app = create_app(settings, registry, policy, key_store)
         if customize is not None:
             customize(app)
         server = self.serve(

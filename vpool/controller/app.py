@@ -29,10 +29,12 @@ from vpool.config import ControllerSettings, EndpointSpec
 from vpool.controller.external import EXTERNAL_TTL_S, ExternalProber
 from vpool.controller.jobs import JobManager
 from vpool.controller.jobs_api import jobs_router
+from vpool.controller.keys_api import keys_router
 from vpool.controller.probe import probe_health, served_max_model_len
 from vpool.controller.schemas import ControllerHealth, WorkerList
 from vpool.errors import InvalidRequest, NotFound, VpoolError
 from vpool.http_errors import install_error_handlers
+from vpool.registry.keys import KeyStore
 from vpool.registry.protocol import Registry, RegistryHealth, RegistryUnavailable
 from vpool.registry.records import Registration, RegistrationAccepted, WorkerLoad, WorkerRecord, WorkerState
 
@@ -50,8 +52,10 @@ def create_controller_app(
     settings: ControllerSettings,
     registry: Registry,
     endpoints: list[EndpointSpec] | None = None,
+    key_store: KeyStore | None = None,
 ) -> FastAPI:
-    """Build the controller over a registry it shares with the gateways."""
+    """Build the controller over a registry it shares with the gateways (and the key store
+    they read, for the keys API)."""
     keys = BearerKeys([settings.registration_token] if settings.registration_token else [])
     ttl = settings.worker_ttl_s
     status = RegistryHealth()
@@ -151,4 +155,6 @@ def create_controller_app(
 
     app.include_router(workers)
     app.include_router(jobs_router(settings))
+    if key_store is not None:
+        app.include_router(keys_router(settings, key_store))
     return app

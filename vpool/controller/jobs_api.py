@@ -14,16 +14,13 @@ client key or the registration token; with none set, only loopback clients are a
 
 from __future__ import annotations
 
-import ipaddress
-
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel
 
-from vpool.auth import BearerKeys
 from vpool.config import ControllerSettings
+from vpool.controller.admin_auth import admin_guard
 from vpool.controller.jobs import JobManager
 from vpool.controller.worker_metrics import WorkerMetrics
-from vpool.errors import PermissionDenied
 from vpool.launch import BatchLaunchRequest, LaunchRequest
 from vpool.registry.records import JobRecord
 
@@ -44,19 +41,7 @@ class JobMetrics(BaseModel):
 
 
 def jobs_router(settings: ControllerSettings) -> APIRouter:
-    keys = BearerKeys([settings.admin_token] if settings.admin_token else [])
-
-    async def require_admin(request: Request) -> None:
-        if keys.enabled:
-            keys.check(request.headers.get("authorization"))
-            return
-        host = request.client.host if request.client else ""
-        if not _is_loopback(host):
-            raise PermissionDenied(
-                "The admin API answers only loopback clients while no admin token is set "
-                "(controller.admin_token, VPOOL_ADMIN_TOKEN)."
-            )
-
+    require_admin = admin_guard(settings)
     router = APIRouter(prefix="/admin/v1/jobs", dependencies=[Depends(require_admin)], tags=["jobs"])
 
     def manager(request: Request) -> JobManager:
@@ -93,10 +78,3 @@ def jobs_router(settings: ControllerSettings) -> APIRouter:
         return JobMetrics(job_id=job_id, workers=await manager(request).metrics(job_id))
 
     return router
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.types import Receive, Scope, Send
 
@@ -33,6 +33,7 @@ from vpool.gateway.docs import install_docs
 from vpool.gateway.routing import RoutingPolicy
 from vpool.gateway.state import GatewayState
 from vpool.http_errors import install_error_handlers
+from vpool.registry.keys import ApiKey, KeyStore
 from vpool.registry.protocol import Registry
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -52,12 +53,18 @@ class GatewayApp(FastAPI):
         await super().__call__(scope, receive, send)
 
 
-def create_app(settings: Settings, registry: Registry, policy: RoutingPolicy | None = None) -> FastAPI:
-    """The gateway over `registry`; serve it with `vpool.gateway.server.gateway_server`."""
+def create_app(
+    settings: Settings,
+    registry: Registry,
+    policy: RoutingPolicy | None = None,
+    key_store: KeyStore | None = None,
+) -> FastAPI:
+    """The gateway over `registry` (and the key store its settings name, unless given);
+    serve it with `vpool.gateway.server.gateway_server`."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, GatewayState]]:
-        state = GatewayState(settings, registry, policy)
+        state = GatewayState(settings, registry, policy, key_store)
         await state.start()
         app.state.gateway = state
         # What exists now (modules, the app, its routes and models) lives as long as the
@@ -79,25 +86,28 @@ def create_app(settings: Settings, registry: Registry, policy: RoutingPolicy | N
     install_error_handlers(app)
     app.add_middleware(DataRoutes)
 
-    async def require_key(request: Request) -> None:
-        _state(request).keys.check(single_authorization(request.headers.getlist("authorization")))
+    async def require_key(request: Request) -> ApiKey | None:
+        return _state(request).keys.check(single_authorization(request.headers.getlist("authorization")))
 
     # `max_model_len` is left out where no worker reports it.
     listing: dict[str, Any] = {
-        "dependencies": [Depends(require_key)], "responses": _ERRORS, "tags": ["models"],
+        "responses": _ERRORS, "tags": ["models"],
         "response_model_exclude_none": True,
     }  # fmt: skip
 
     @app.get("/v1/models", **listing)
     async def list_models(request: Request) -> ModelList:
-        """Every model with at least one ready worker."""
+        """Every model with at least one ready worker that the caller's key may use."""
+        key = await require_key(request)
         fleet = _state(request).fleet
-        return ModelList(data=[_card(request, name) for name in fleet.ready_models()])
+        names = [name for name in fleet.ready_models() if key is None or key.allows(name)]
+        return ModelList(data=[_card(request, name) for name in names])
 
     @app.get("/v1/models/{model:path}", **listing)
     async def retrieve_model(model: str, request: Request) -> ModelCard:
-        """One model, if a worker is ready to serve it."""
-        if not _state(request).fleet.ready_count(model):
+        """One model, if a worker is ready to serve it and the caller's key may use it."""
+        key = await require_key(request)
+        if not _state(request).fleet.ready_count(model) or (key is not None and not key.allows(model)):
             raise ModelNotFound(model)
         return _card(request, model)
 

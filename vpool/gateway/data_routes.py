@@ -106,7 +106,7 @@ async def _route(
     if not follow_up and scope["method"] != "POST":
         raise MethodNotAllowed(scope["method"], scope["path"])
     authorization, declared, expects_continue = _read_headers(scope["headers"])
-    gateway.keys.check(authorization)
+    key = gateway.keys.check(authorization)
     body = await _read_body(receive, declared, expects_continue, gateway.max_body_bytes)
     if body is None:
         return  # the client left before sending it all
@@ -121,6 +121,7 @@ async def _route(
         request = parse_openai_request(body)
         if request.previous_response_id is not None:
             holder = await gateway.holder_of(request.previous_response_id, request.model)
+    gateway.keys.require_model(key, request.model)
     gateway.proxy.forward(route, scope["method"].encode(), _target(scope), request, responder, holder)
     await responder.run(receive)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 
-from vpool.auth import BearerKeys
 from vpool.background import cancel_and_wait
 from vpool.config import Settings
 from vpool.gateway.ejection import Ejector
@@ -17,17 +16,28 @@ from vpool.gateway.fleet import Fleet
 from vpool.gateway.metrics import GatewayMetrics
 from vpool.gateway.proxy import Proxy, resolve_timeouts
 from vpool.gateway.routing import RoutingPolicy, make_policy
+from vpool.gateway.tenants import KeyRing
 from vpool.gateway.upstream import UpstreamPool
+from vpool.registry.key_stores import config_keys, open_key_store
+from vpool.registry.keys import KeyStore
 from vpool.registry.protocol import Registry
 from vpool.registry.records import WorkerRecord
 
 
 class GatewayState:
-    def __init__(self, settings: Settings, registry: Registry, policy: RoutingPolicy | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry,
+        policy: RoutingPolicy | None = None,
+        key_store: KeyStore | None = None,
+    ) -> None:
         g = settings.gateway
         self.settings = settings
         self.registry = registry
-        self.keys = BearerKeys(g.api_keys)
+        self._owns_key_store = key_store is None
+        self.key_store = key_store or open_key_store(settings)
+        self.keys = KeyRing(config_keys(g), self.key_store, g.keys_refresh_interval_s)
         self.max_body_bytes = g.max_body_bytes
         self.fleet = Fleet(
             registry,
@@ -50,7 +60,9 @@ class GatewayState:
 
     async def start(self) -> None:
         await self.fleet.refresh()
+        await self.keys.refresh()
         self._background = [
+            asyncio.create_task(self.keys.run(), name="keys-refresh"),
             asyncio.create_task(self.fleet.run(), name="fleet-refresh"),
             asyncio.create_task(self.proxy.watch_timeouts(), name="timeout-sweep"),
         ]
@@ -58,6 +70,9 @@ class GatewayState:
     async def close(self) -> None:
         for task in self._background:
             await cancel_and_wait(task)
+        await self.keys.refresh()  # the last uses
+        if self._owns_key_store:
+            await self.key_store.close()
         self.pool.close()
 
     async def holder_of(self, response_id: str, model: str | None = None) -> WorkerRecord | None:
