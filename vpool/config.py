@@ -60,6 +60,9 @@ class GatewaySettings(BaseModel):
     # How often each gateway re-reads the key store (`vpool keys`): a key made or revoked
     # anywhere takes effect everywhere within about this.
     keys_refresh_interval_s: float = Field(0.5, gt=0)
+    # Failed authentications from one address in a minute before its next failures answer
+    # 429 instead of 401 (a right key still gets in). 0: no limit.
+    max_failed_auth_per_minute: int = Field(20, ge=0)
     # Serving a non-loopback address with no key must be asked for explicitly.
     no_auth: bool = False
     max_body_bytes: int = Field(16 * 1024 * 1024, gt=0)

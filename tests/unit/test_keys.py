@@ -311,3 +311,42 @@ async def test_a_gateway_with_no_key_anywhere_is_open_and_config_keys_still_work
         key = ring.check("Bearer sk-config")
         assert key is not None and key.key_id == "config-0"
         await asyncio.sleep(0)
+
+
+def test_an_address_that_keeps_failing_is_refused_and_right_keys_still_get_in(
+    start_gateway, start_stub
+) -> None:
+    gateway = start_gateway(api_keys=["sk-right"], max_failed_auth_per_minute=10)
+    gateway.add_worker(start_stub("a"), ["tiny-chat"])
+    wrong = {"Authorization": "Bearer sk-wrong"}
+    answers = [httpx.post(f"{gateway.url}/v1/chat/completions", json=CHAT, headers=wrong) for _ in range(12)]
+    assert [a.status_code for a in answers] == [401] * 10 + [429] * 2
+    refused = assert_openai_error(answers[-1], 429)
+    assert refused["type"] == "rate_limit_exceeded" and int(answers[-1].headers["retry-after"]) >= 1
+    assert httpx.get(f"{gateway.url}/v1/models", headers=wrong).status_code == 429
+    right = {"Authorization": "Bearer sk-right"}
+    assert httpx.post(f"{gateway.url}/v1/chat/completions", json=CHAT, headers=right).status_code == 200
+
+
+def test_the_failed_authentication_limit_can_be_turned_off(start_gateway) -> None:
+    gateway = start_gateway(api_keys=["sk-right"], max_failed_auth_per_minute=0)
+    wrong = {"Authorization": "Bearer sk-wrong"}
+    assert {httpx.get(f"{gateway.url}/v1/models", headers=wrong).status_code for _ in range(25)} == {401}
+
+
+def test_the_throttle_forgets_after_its_window_and_remembers_a_bounded_number_of_addresses() -> None:
+    from vpool.gateway.auth_throttle import AuthThrottle, TooManyFailedAuthentications
+
+    throttle = AuthThrottle(max_failures=2, window_s=0.2, max_addresses=3)
+    throttle.failed("a")
+    throttle.check("a")
+    throttle.failed("a")
+    with pytest.raises(TooManyFailedAuthentications):
+        throttle.check("a")
+    throttle.check("b")  # another address is not refused
+    time.sleep(0.25)
+    throttle.check("a")  # the window ended
+    for address in ("a", "a", "b", "c", "d"):
+        throttle.failed(address)
+    throttle.check("a")  # the oldest, forgotten when a fourth came
+    assert len(throttle._failures) == 3

@@ -87,7 +87,8 @@ def create_app(
     app.add_middleware(DataRoutes)
 
     async def require_key(request: Request) -> ApiKey | None:
-        return _state(request).keys.check(single_authorization(request.headers.getlist("authorization")))
+        authorization = single_authorization(request.headers.getlist("authorization"))
+        return _state(request).keys.check(authorization, request.client.host if request.client else "")
 
     # `max_model_len` is left out where no worker reports it.
     listing: dict[str, Any] = {

@@ -101,7 +101,8 @@ def install_console(app: FastAPI) -> None:
     """Serve the console at `/ui` and its data at `/ui/api/fleet`."""
 
     async def require_key(request: Request) -> None:
-        _state(request).keys.check(single_authorization(request.headers.getlist("authorization")))
+        authorization = single_authorization(request.headers.getlist("authorization"))
+        _state(request).keys.check(authorization, request.client.host if request.client else "")
 
     @app.get(
         "/ui/api/fleet",

@@ -106,7 +106,8 @@ async def _route(
     if not follow_up and scope["method"] != "POST":
         raise MethodNotAllowed(scope["method"], scope["path"])
     authorization, declared, expects_continue = _read_headers(scope["headers"])
-    key = gateway.keys.check(authorization)
+    client = scope.get("client")
+    key = gateway.keys.check(authorization, client[0] if client else "")
     body = await _read_body(receive, declared, expects_continue, gateway.max_body_bytes)
     if body is None:
         return  # the client left before sending it all

@@ -37,7 +37,9 @@ class GatewayState:
         self.registry = registry
         self._owns_key_store = key_store is None
         self.key_store = key_store or open_key_store(settings)
-        self.keys = KeyRing(config_keys(g), self.key_store, g.keys_refresh_interval_s)
+        self.keys = KeyRing(
+            config_keys(g), self.key_store, g.keys_refresh_interval_s, g.max_failed_auth_per_minute
+        )
         self.max_body_bytes = g.max_body_bytes
         self.fleet = Fleet(
             registry,

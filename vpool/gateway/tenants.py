@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterable
 
 from vpool.errors import AuthenticationFailed, ModelNotFound
+from vpool.gateway.auth_throttle import AuthThrottle
 from vpool.registry.keys import ApiKey, KeyStore, hash_secret
 from vpool.registry.protocol import RegistryUnavailable
 
@@ -22,7 +23,11 @@ log = logging.getLogger("vpool.gateway")
 
 class KeyRing:
     def __init__(
-        self, static: Iterable[ApiKey], store: KeyStore | None = None, refresh_s: float = 0.5
+        self,
+        static: Iterable[ApiKey],
+        store: KeyStore | None = None,
+        refresh_s: float = 0.5,
+        max_failed_auth_per_minute: int = 20,
     ) -> None:
         self._static = {k.secret_hash: k for k in static}
         self._store = store
@@ -31,17 +36,29 @@ class KeyRing:
         self._version = -1
         self._used: dict[str, float] = {}
         self.store_ok = True
+        self.throttle = AuthThrottle(max_failed_auth_per_minute) if max_failed_auth_per_minute else None
 
     @property
     def enabled(self) -> bool:
         """Is a key needed at all? Not while none exists anywhere (a laptop's default)."""
         return bool(self._by_hash)
 
-    def check(self, authorization: str | None) -> ApiKey | None:
-        """The caller's key; AuthenticationFailed unless it is known and usable. None when no
-        key is needed."""
+    def check(self, authorization: str | None, address: str = "") -> ApiKey | None:
+        """The caller's key; AuthenticationFailed unless it is known and usable (429 instead,
+        for an address that keeps failing). None when no key is needed."""
         if not self._by_hash:
             return None
+        try:
+            return self._check(authorization)
+        except AuthenticationFailed:
+            # A refused address still gets in with a right key: clients behind one load
+            # balancer share its address, and one guesser must not lock them all out.
+            if self.throttle is not None:
+                self.throttle.check(address)
+                self.throttle.failed(address)
+            raise
+
+    def _check(self, authorization: str | None) -> ApiKey | None:
         if not authorization:
             raise AuthenticationFailed(
                 "You didn't provide an API key. Send it as `Authorization: Bearer YOUR_KEY`."
