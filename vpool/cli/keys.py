@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from datetime import UTC, date, datetime
 from typing import Annotated, Any, NoReturn
 
@@ -20,7 +21,7 @@ from rich.table import Table
 
 from vpool.cli.common import app
 from vpool.cli.jobs import ControllerOpt, JsonOpt, _client, _fail, _print_json
-from vpool.client import VpoolClientError
+from vpool.client import VpoolClient, VpoolClientError
 
 KEYS_HELP = (
     "API keys for the gateways: make, list, change and revoke them, through the controller "
@@ -262,15 +263,7 @@ def list_keys(controller: ControllerOpt = None, as_json: JsonOpt = False) -> Non
 @keys_app.command()
 def show(key_id: KeyArg, controller: ControllerOpt = None, as_json: JsonOpt = False) -> None:
     """One key: its models, limits, expiry, labels and state (never its secret)."""
-    try:
-        with _client(controller) as fleet:
-            key = fleet.key(key_id)
-    except VpoolClientError as exc:
-        _fail(_admin_refusal(exc), as_json)
-    if as_json:
-        _print_json(key)
-    else:
-        Console().print(_key_table(key))
+    _show_answer(controller, as_json, lambda fleet: fleet.key(key_id))
 
 
 @keys_app.command()
@@ -315,15 +308,7 @@ def update(
             "--priority, --expires or --meta",
             as_json,
         )
-    try:
-        with _client(controller) as fleet:
-            key = fleet.update_key(key_id, **fields)
-    except VpoolClientError as exc:
-        _fail(_admin_refusal(exc), as_json)
-    if as_json:
-        _print_json(key)
-    else:
-        Console().print(_key_table(key))
+    _show_answer(controller, as_json, lambda fleet: fleet.update_key(key_id, **fields))
 
 
 @keys_app.command()
@@ -343,3 +328,16 @@ def revoke(key_id: KeyArg, controller: ControllerOpt = None, as_json: JsonOpt = 
             f"{key['key_id']} ({key['name']}, {key['prefix']}...): revoked at {_when(key['revoked_at'])} "
             "UTC; gateways refuse it within about a second."
         )
+
+
+def _show_answer(controller: str | None, as_json: bool, ask: Callable[[VpoolClient], dict[str, Any]]) -> None:
+    """Ask the controller for one key (`ask`), then print it: JSON, or its table."""
+    try:
+        with _client(controller) as fleet:
+            key = ask(fleet)
+    except VpoolClientError as exc:
+        _fail(_admin_refusal(exc), as_json)
+    if as_json:
+        _print_json(key)
+    else:
+        Console().print(_key_table(key))
