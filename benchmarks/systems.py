@@ -108,7 +108,7 @@ def start_system(name: str, launch: Launch) -> Running:
     if name == "direct":
         return Running("direct", launch.backend.base_url, launch.backend.pid, None)
     if name in ("vpool", BASELINE):
-        process, url = _start_vpool(name, launch)
+        process, url = start_vpool(name, launch)
     elif name == "vllm-router":
         process, url = _start_vllm_router(launch)
     elif name == "litellm":
@@ -119,9 +119,17 @@ def start_system(name: str, launch: Launch) -> Running:
     return Running(name, url, process.pid, process)
 
 
-def _start_vpool(name: str, launch: Launch) -> tuple[Process, str]:
-    """`vpool up` in one process; with several gateway processes, split mode over Redis
-    (`vpool controller` + `vpool gateway --processes N`), where the gateway is measured.
+def start_vpool(
+    name: str,
+    launch: Launch,
+    gateway_options: str = "",
+    split: bool = False,
+    controller_cpu: int | None = None,
+) -> tuple[Process, str]:
+    """`vpool up` in one process; with several gateway processes (or `split`), split mode
+    over Redis (`vpool controller` + `vpool gateway --processes N`), where the gateway is
+    measured, the controller on `controller_cpu` (default: the gateway's core).
+    `gateway_options` are more `gateway:` settings, in YAML flow style ("keys: [...]").
 
     `vpool-prev` is the same from the baseline checkout: `PYTHONPATH` and the working
     directory there, so its `vpool` package shadows this checkout's editable install."""
@@ -137,11 +145,13 @@ def _start_vpool(name: str, launch: Launch) -> tuple[Process, str]:
         raise StartupError(f"{BASELINE} would import {imported}, not the checkout at {checkout}")
     port, controller_port = free_ports(2, launch.port_base)
     config = launch.group.log_dir / f"{name}.yaml"
-    split = launch.gateway_processes > 1
+    split = split or launch.gateway_processes > 1
     prefix = f"bench-{os.getpid()}-{name}"  # a fresh registry per system: none sees the last one's records
     registry = f"registry: {{url: '{REDIS_URL}', key_prefix: '{prefix}'}}\n" if split else ""
     config.write_text(
-        f"gateway: {{host: 127.0.0.1, port: {port}, processes: {launch.gateway_processes}}}\n"
+        f"gateway: {{host: 127.0.0.1, port: {port}, processes: {launch.gateway_processes}"
+        + (f", {gateway_options}" if gateway_options else "")
+        + "}\n"
         f"controller: {{host: 127.0.0.1, port: {controller_port}}}\n"
         f"cache_dir: {launch.group.log_dir / (name + '-cache')}\n"
         + registry
@@ -156,7 +166,8 @@ def _start_vpool(name: str, launch: Launch) -> tuple[Process, str]:
         up = [*vpool, "up", "--config", str(config)]
         return launch.group.start(name, up, launch.cpu, env=env, cwd=checkout), url
     controller = [*vpool, "controller", "--config", str(config)]
-    launch.group.start(f"{name}-controller", controller, launch.cpu, env=env, cwd=checkout)
+    where = launch.cpu if controller_cpu is None else controller_cpu
+    launch.group.start(f"{name}-controller", controller, where, env=env, cwd=checkout)
     gateway = [*vpool, "gateway", "--config", str(config)]
     return launch.group.start(name, gateway, launch.cpu, env=env, cwd=checkout), url
 

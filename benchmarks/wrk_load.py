@@ -52,13 +52,18 @@ def _lua_string(text: str) -> str:
     return "[==[" + text + "]==]"
 
 
-def write_script(case: Case, directory: Path) -> Path:
-    """A wrk script that POSTs the case's body and reports through `done()`."""
-    path = directory / f"{case.name}.lua"
+def write_script(
+    case: Case, directory: Path, headers: dict[str, str] | None = None, suffix: str = ""
+) -> Path:
+    """A wrk script that POSTs the case's body (with `headers` too) and reports through
+    `done()`; `suffix` tells apart scripts of one case with different headers."""
+    path = directory / f"{case.name}{'-' + suffix if suffix else ''}.lua"
+    # json.dumps quotes plain ASCII as Lua reads it ("[[" would open a Lua long string).
+    extra = "".join(f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}\n" for k, v in (headers or {}).items())
     path.write_text(
         'wrk.method = "POST"\n'
         f"wrk.body = {_lua_string(case.body_bytes().decode())}\n"
-        'wrk.headers["Content-Type"] = "application/json"\n' + _DONE
+        'wrk.headers["Content-Type"] = "application/json"\n' + extra + _DONE
     )
     return path
 

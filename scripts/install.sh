@@ -20,3 +20,11 @@ fi
 # and break `transformers` imports ("operator torchvision::nms does not exist").
 .venv/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
 .venv/bin/python -c "import vllm, vpool; print('vpool installed with vLLM', vllm.__version__)"
+
+if [[ "${1:-}" == "--test" ]]; then
+  # SkyPilot's own library reads back the tasks vpool writes (tests/unit/test_skypilot.py).
+  # It lives in a venv of its own: skypilot 0.14 pins click<8.2 and uvicorn<0.36, which
+  # vpool's gateway and CLI are past.
+  [[ -x .sky-venv/bin/python ]] || "$PYTHON" -m venv .sky-venv
+  .sky-venv/bin/python -m pip install --quiet "skypilot==0.14.1"
+fi

@@ -35,6 +35,20 @@ if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge) >/dev/null
 fi
 
+# The deployment tests (tests/unit/test_deploy_*.py) check the compose file with Debian's
+# docker-compose and render the kustomize trees with kubectl, offline: no engine, no cluster.
+if ! command -v docker-compose >/dev/null || ! command -v kubectl >/dev/null; then
+  echo "docker-compose or kubectl is not installed: installing them"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose kubectl) >/dev/null
+fi
+
+# The monitoring tests parse the Grafana dashboard's queries and the Prometheus config with
+# promtool, and run a real Prometheus against the test fleet (tests/integration/test_monitoring.py).
+if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
+  echo "prometheus is not installed: installing it"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus) >/dev/null
+fi
+
 .venv/bin/ruff check vpool tests benchmarks
 .venv/bin/ruff format --check vpool tests benchmarks
 .venv/bin/mypy vpool

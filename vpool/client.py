@@ -36,6 +36,7 @@ from vpool.registry.records import JobRecord, JobState
 
 DEFAULT_CONTROLLER = "http://127.0.0.1:8001"
 KEYS_PATH = "/admin/v1/keys"
+USAGE_PATH = "/admin/v1/usage"
 
 
 class _Unset(enum.Enum):
@@ -233,6 +234,21 @@ class VpoolClient:
         result: dict[str, Any] = self._call("DELETE", f"{KEYS_PATH}/{key_id}")
         return result
 
+    def usage(
+        self,
+        *,
+        key_id: str | None = None,
+        model: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        by: str = "hour",
+    ) -> list[dict[str, Any]]:
+        """What each key used of each model, per hour or day (UTC): requests, prompt and
+        completion tokens, errors. `since`/`until` in seconds since the epoch."""
+        params = _usage_params(key_id, model, since, until, by)
+        result: list[dict[str, Any]] = self._call("GET", USAGE_PATH, params=params)["data"]
+        return result
+
 
 class AsyncVpoolClient:
     """`VpoolClient`'s verbs as coroutines (the catalog ones stay plain functions there)."""
@@ -352,6 +368,19 @@ class AsyncVpoolClient:
         result: dict[str, Any] = await self._call("DELETE", f"{KEYS_PATH}/{key_id}")
         return result
 
+    async def usage(
+        self,
+        *,
+        key_id: str | None = None,
+        model: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        by: str = "hour",
+    ) -> list[dict[str, Any]]:
+        params = _usage_params(key_id, model, since, until, by)
+        result: list[dict[str, Any]] = (await self._call("GET", USAGE_PATH, params=params))["data"]
+        return result
+
 
 def _key_body(
     name: str,
@@ -369,6 +398,13 @@ def _key_body(
         "priority": priority, "expires_at": expires_at, "meta": meta,
     }  # fmt: skip
     return {k: v for k, v in body.items() if v is not None}
+
+
+def _usage_params(
+    key_id: str | None, model: str | None, since: float | None, until: float | None, by: str
+) -> dict[str, Any]:
+    params = {"key_id": key_id, "model": model, "since": since, "until": until, "by": by}
+    return {k: v for k, v in params.items() if v is not None}
 
 
 def _key_changes(**fields: Any) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 # How the gateway picks among a model's ready workers: see vpool/gateway/routing.py.
-RoutingName = Literal["least_outstanding", "power_of_two", "round_robin"]
+RoutingName = Literal["least_outstanding", "power_of_two", "prefix", "round_robin"]
 
 
 class ConfigError(Exception):
@@ -37,6 +37,25 @@ class ModelTimeouts(BaseModel):
     read_timeout_s: float | None = Field(None, gt=0)
 
 
+class PrefixRoutingSettings(BaseModel):
+    """How the `prefix` routing policy keys a request and bounds a worker's share
+    (vpool/gateway/prefix.py, vpool/gateway/routing.py `PrefixAffinity`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Characters, not tokens (the gateway has no tokenizer): 256 is about 64 tokens at four
+    # characters a token, four of vLLM's 16-token cache blocks.
+    block_chars: int = Field(256, ge=1)
+    # The key is the hash of the prompt's first 8 blocks (about 2,000 characters, 500 tokens):
+    # long enough that one system prompt's traffic stays together and a conversation keeps
+    # its key as it grows, short enough that the work per request stays small.
+    prefix_blocks: int = Field(8, ge=1)
+    # No worker takes a request while it holds more than (1 + epsilon) times the mean
+    # outstanding count: 0.25 keeps a hot prefix's spill to few workers (more cache reuse)
+    # while the busiest worker's queue stays within a quarter of the mean.
+    epsilon: float = Field(0.25, gt=0, le=10)
+
+
 class KeyConfig(BaseModel):
     """A key written in the config file, with what a key made by `vpool keys create` may have."""
 
@@ -51,6 +70,24 @@ class KeyConfig(BaseModel):
     priority: int = Field(1, ge=1)
 
 
+class FairShareSettings(BaseModel):
+    """When every ready worker of a model is full, requests wait in a queue per key and go
+    out in turn across keys, weighted by each key's `priority` (vpool/gateway/fair_share.py)."""
+
+    enabled: bool = True
+    # Past these a request is refused at once: 429 when its key has this many waiting, 503
+    # when the gateway has `max_queued` waiting in all.
+    max_queued_per_key: int = Field(256, ge=1)
+    max_queued: int = Field(4096, ge=1)
+    # A request still waiting after this is answered 503 with Retry-After.
+    max_wait_s: float = Field(60.0, gt=0)
+    # Places per model one key may not take while another key has asked for that model in
+    # the last `share_window_s`: the other's next request then starts at once instead of
+    # waiting for one of the first key's to end. A key alone gets every place.
+    reserve: int = Field(1, ge=0)
+    share_window_s: float = Field(60.0, gt=0)
+
+
 class GatewaySettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -63,6 +100,13 @@ class GatewaySettings(BaseModel):
     # Failed authentications from one address in a minute before its next failures answer
     # 429 instead of 401 (a right key still gets in). 0: no limit.
     max_failed_auth_per_minute: int = Field(20, ge=0)
+    # A key's rpm/tpm/max_parallel cost one Redis call per request, bounded by this; past it
+    # (or with Redis away) each gateway enforces its share locally (vpool/gateway/limits.py).
+    limits_timeout_s: float = Field(0.25, gt=0)
+    # Tokens per minute charge a request up front, its prompt plus its max_tokens, or this
+    # where it sets none; the worker's own count settles it afterwards.
+    default_max_tokens_estimate: int = Field(256, ge=0)
+    fair_share: FairShareSettings = Field(default_factory=FairShareSettings)
     # Serving a non-loopback address with no key must be asked for explicitly.
     no_auth: bool = False
     max_body_bytes: int = Field(16 * 1024 * 1024, gt=0)
@@ -92,12 +136,20 @@ class GatewaySettings(BaseModel):
     eject_cooldown_s: float = Field(10.0, gt=0)
     eject_max_cooldown_s: float = Field(60.0, gt=0)
     # least_outstanding measured best (benchmarks/README.md, "Routing quality");
-    # power_of_two may suit many gateways sharing stale load figures.
+    # power_of_two may suit many gateways sharing stale load figures; prefix sends requests
+    # sharing a prompt's start to the same worker, within a load bound (`prefix_routing`).
     routing: RoutingName = "least_outstanding"
+    # The routing policy of some models, by model name (a catalog model's aliases follow it).
+    model_routing: dict[str, RoutingName] = Field(default_factory=dict)
+    # The `prefix` policy's blocks and load bound, for every model that uses it.
+    prefix_routing: PrefixRoutingSettings = Field(default_factory=PrefixRoutingSettings)
     # Processes sharing the port (SO_REUSEPORT); more than one needs a shared registry.
     processes: int = Field(1, ge=1, le=64)
     # On SIGTERM: how long open answers (streams too) may take to finish before they are cut.
     graceful_shutdown_s: float = Field(30.0, gt=0)
+    # The URL others reach this gateway at, announced in the registry for Prometheus discovery
+    # (the controller's `/v1/targets`). Unset: http://HOST:PORT, this host's name for 0.0.0.0.
+    advertise_url: str | None = Field(None, pattern=r"^https?://")
 
     @field_validator("api_keys")
     @classmethod
@@ -139,6 +191,12 @@ class LaunchSettings(BaseModel):
     poll_interval_s: float = Field(2.0, gt=0)
     # `vpool shutdown`: how long a worker may drain before it is killed.
     shutdown_grace_s: float = Field(300.0, gt=0)
+    # `--launcher ray`: the Ray cluster's dashboard (job submission) address, e.g.
+    # http://ray-head:8265, when a launch names none; unset: RAY_ADDRESS of the controller.
+    ray_address: str | None = None
+    # `--launcher skypilot`: what the cloud VM's setup pip-installs: a requirement (default:
+    # this vpool's release with its GPU engine), a wheel's URL or a wheel file here (mounted).
+    skypilot_install: str | None = None
 
 
 class ControllerSettings(BaseModel):
@@ -190,6 +248,9 @@ class ModelSpec(BaseModel):
     chat_template: Path | None = None
     replicas: int = Field(1, ge=0)
     engine_args: dict[str, Any] = Field(default_factory=dict)
+    # vLLM's executor: None lets vLLM pick (one process per GPU on one node); "ray" spreads
+    # TP x PP over a Ray cluster's GPUs, several nodes included (RAY_ADDRESS names the cluster).
+    distributed_executor_backend: Literal["mp", "ray", "uni"] | None = None
 
     @property
     def served_names(self) -> list[str]:

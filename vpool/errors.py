@@ -7,10 +7,14 @@
      ├── PermissionDenied           403 invalid_request_error / permission_denied
      ├── NotFound                   404 invalid_request_error
      │    └── ModelNotFound         404 invalid_request_error / model_not_found
-     ├── NoWorkerAvailable          503 service_unavailable (with Retry-After)
-     ├── EngineUnavailable          503 service_unavailable (a worker whose engine died)
+     ├── ServiceUnavailable         503 service_unavailable (something vpool needs is away)
+     │    ├── NoWorkerAvailable     503 service_unavailable / no_worker_available (Retry-After)
+     │    └── EngineUnavailable     503 service_unavailable / engine_unavailable (its engine died)
      ├── UpstreamError              502 upstream_error
      └── UpstreamTimeout            504 timeout
+
+The controller's RegistryDown (registry_unavailable) and KeyStoreDown (key_store_unavailable)
+are ServiceUnavailable too.
 
 The body is always `{"error": {"message", "type", "param", "code"}}` with the status the
 OpenAI API would use: never FastAPI's `{"detail": ...}`, never a traceback.
@@ -87,9 +91,13 @@ class ModelNotFound(NotFound):
         )
 
 
-class NoWorkerAvailable(VpoolError):
+class ServiceUnavailable(VpoolError):
     status_code = 503
     error_type = "service_unavailable"
+    default_code = "service_unavailable"
+
+
+class NoWorkerAvailable(ServiceUnavailable):
     default_code = "no_worker_available"
 
     def __init__(self, model: str, retry_after_s: int = 1) -> None:
@@ -100,9 +108,7 @@ class NoWorkerAvailable(VpoolError):
         )
 
 
-class EngineUnavailable(VpoolError):
-    status_code = 503
-    error_type = "service_unavailable"
+class EngineUnavailable(ServiceUnavailable):
     default_code = "engine_unavailable"
 
     def __init__(self) -> None:

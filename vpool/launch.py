@@ -6,11 +6,17 @@ The bodies of `POST /admin/v1/jobs` and `/admin/v1/jobs/batch`, shared by the co
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-LauncherName = Literal["local", "slurm"]
+LauncherName = Literal["local", "slurm", "ray", "skypilot"]
+
+# The object stores SkyPilot mounts from (Azure's is https://ACCOUNT.blob.core.windows.net/...).
+OBJECT_STORE_URL = re.compile(
+    r"^((s3|gs|r2|cos|oci)://[^/\s]+|https://[^/\s]+\.blob\.core\.windows\.net/[^/\s]+)"
+)
 
 
 class LaunchOverrides(BaseModel):
@@ -36,6 +42,40 @@ class LaunchOverrides(BaseModel):
     account: str | None = None
     weights_dir: str | None = None
     gpu: str | None = None  # the GPU type to plan for (catalog GPU table)
+    ray_address: str | None = None  # --launcher ray: the cluster's dashboard, http://HEAD:8265
+    # SkyPilot: the cloud VM's accelerators (NAME:COUNT), where, the cluster's name, the
+    # worker's environment, and the bucket its weights are mounted from.
+    accelerator: str | None = None
+    cloud: str | None = Field(None, pattern=r"^[a-z][a-z0-9-]*$")
+    region: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+    cluster: str | None = Field(None, max_length=40, pattern=r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+    envs: dict[str, str] = Field(default_factory=dict)
+    source: str | None = None
+
+    @field_validator("accelerator")
+    @classmethod
+    def _accelerator(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]*(:[1-9][0-9]*)?", value):
+            raise ValueError(f"an accelerator is NAME[:COUNT], e.g. A100:1 or H100:8, not {value!r}")
+        return value
+
+    @field_validator("envs")
+    @classmethod
+    def _envs(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+                raise ValueError(f"{key!r} is not an environment variable name")
+        return value
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, value: str | None) -> str | None:
+        if value is not None and not OBJECT_STORE_URL.match(value):
+            raise ValueError(
+                f"the weights' source must be an object-store URL (s3://, gs://, r2://, cos://, oci://"
+                f" or https://ACCOUNT.blob.core.windows.net/...), not {value!r}"
+            )
+        return value
 
 
 class LaunchRequest(BaseModel):

@@ -136,7 +136,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Ite
         # fmt: off
         plan = {
             "tiny-a": ["--served-name", "tiny-chat", *chat],
-            "tiny-b": ["--served-name", "tiny-chat", *chat],
+            # Its engine says how many requests it runs at once: gateways hold the rest (fair share).
+            "tiny-b": ["--served-name", "tiny-chat", "--engine-arg", "max_num_seqs=32", *chat],
             "ha-c": ["--served-name", "tiny-chat-ha", *chat],
             "ha-d": ["--served-name", "tiny-chat-ha", "--drain-delay", "0.6", *chat],
             "ha-e": ["--served-name", "tiny-chat-ha", *chat],

@@ -55,11 +55,15 @@ def _screenshot(driver: Any, name: str) -> None:
 
 
 def _wait(driver: Any, what: str, condition: Callable[[Any], Any], timeout_s: float = PAGE_TIMEOUT_S) -> Any:
-    from selenium.common.exceptions import TimeoutException
+    from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
     from selenium.webdriver.support.ui import WebDriverWait
 
+    # The page redraws its tables on every refresh: an element read mid-redraw is stale.
+    ignored = (StaleElementReferenceException,)
     try:
-        return WebDriverWait(driver, timeout_s, poll_frequency=0.1).until(condition)
+        return WebDriverWait(driver, timeout_s, poll_frequency=0.1, ignored_exceptions=ignored).until(
+            condition
+        )
     except TimeoutException:
         pytest.fail(
             f"timed out after {timeout_s} s waiting for {what}\npage log:\n{browser.page_log(driver)}"
@@ -95,8 +99,32 @@ def _open(driver: Any, fleet: Fleet, page: str) -> None:
 
 
 def _worker_state(driver: Any, worker_id: str) -> str | None:
-    rows = _css(driver, f"#workers-body tr[data-worker-id='{worker_id}']")
-    return rows[0].get_attribute("data-state") if rows else None
+    # One script, so the page cannot redraw the table between finding the row and reading it.
+    return driver.execute_script(  # type: ignore[no-any-return]
+        "const row = document.querySelector(`#workers-body tr[data-worker-id='${arguments[0]}']`);"
+        "return row ? row.getAttribute('data-state') : null;",
+        worker_id,
+    )
+
+
+def _worker_row_text(driver: Any, worker_id: str) -> str:
+    return driver.execute_script(  # type: ignore[no-any-return]
+        "const row = document.querySelector(`#workers-body tr[data-worker-id='${arguments[0]}']`);"
+        "return row ? row.innerText : '';",
+        worker_id,
+    )
+
+
+def _worker_cell(driver: Any, worker_id: str, header: str) -> str | None:
+    """The text of a worker's cell under the column headed `header`."""
+    return driver.execute_script(  # type: ignore[no-any-return]
+        "const heads = [...document.querySelectorAll('#workers-table thead th')].map(th => th.innerText);"
+        "const row = document.querySelector(`#workers-body tr[data-worker-id='${arguments[0]}']`);"
+        "const at = heads.indexOf(arguments[1]);"
+        "return row && at >= 0 ? row.cells[at].innerText : null;",
+        worker_id,
+        header,
+    )
 
 
 @contextlib.contextmanager
@@ -183,8 +211,10 @@ def test_fleet_page_asks_for_the_key_and_shows_a_server_come_and_die(driver: Any
 
     with external_server(fleet, "console-demo", "console-demo-model") as server:
         _wait(driver, "the new server READY", lambda d: _worker_state(d, "console-demo") == "READY")
-        row = _css(driver, "#workers-body tr[data-worker-id='console-demo']")[0]
-        assert "console-demo-model" in row.text and "external" in row.text
+        row = _worker_row_text(driver, "console-demo")
+        assert "console-demo-model" in row and "external" in row
+        # An external server reports no engine counters: a dash, not a 0 % hit rate.
+        assert _worker_cell(driver, "console-demo", "prefix-cache hits") == "\u2014"
         _screenshot(driver, "console-fleet.png")
         server.kill()
         server.wait(10)

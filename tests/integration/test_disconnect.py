@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.conftest import API_KEY
 
@@ -28,6 +29,18 @@ IDLE_WITHIN_S = 1.0
 
 def _unfinished(worker_url: str) -> int:
     return int(httpx.get(f"{worker_url}/vpool/load", timeout=5).json()["unfinished"])
+
+
+def _generated(worker_url: str) -> float:
+    """The engine's count of tokens generated so far: a counter, so no poll can miss a burst."""
+    text = httpx.get(f"{worker_url}/metrics", timeout=5).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "vllm:generation_tokens"
+        for sample in family.samples
+        if sample.name == "vllm:generation_tokens_total"
+    )
 
 
 def _tiny_chat_workers(fleet) -> dict[str, str]:
@@ -51,15 +64,24 @@ def _everyone(fleet) -> dict[str, object]:
     }
 
 
-def _wait_until_busy(worker_urls: list[str], limit_s: float = 10.0) -> str:
+def _wait_until_generating(before: dict[str, float], limit_s: float = 30.0) -> str:
+    """The worker whose engine started on our request (the one test request in flight)."""
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
-        busy = [url for url in worker_urls if _unfinished(url) > 0]
+        busy = [url for url, count in before.items() if _generated(url) > count]
         if busy:
-            assert len(busy) == 1, f"one request, yet {busy} are all busy"
+            assert len(busy) == 1, f"one request, yet {busy} are all generating"
             return busy[0]
         time.sleep(0.02)
-    raise AssertionError(f"no engine picked up the request within {limit_s} s")
+    raise AssertionError(f"no engine started on the request within {limit_s} s")
+
+
+def _assert_aborted(worker_url: str, before: float) -> None:
+    """The engine stopped early: it generated fewer tokens than the request asked for."""
+    generated = _generated(worker_url) - before
+    assert 0 < generated < LONG["max_tokens"], (
+        f"the engine generated {generated:.0f} of {LONG['max_tokens']} tokens: it was not aborted"
+    )
 
 
 def _seconds_until_idle(worker_url: str, limit_s: float = 10.0) -> float:
@@ -72,6 +94,7 @@ def _seconds_until_idle(worker_url: str, limit_s: float = 10.0) -> float:
 
 def test_stream_client_leaving_aborts_the_generation(fleet, http: httpx.Client) -> None:
     workers = _tiny_chat_workers(fleet)
+    before = {url: _generated(url) for url in workers.values()}
     seen: list[str] = []
     with http.stream("POST", "/v1/chat/completions", json={**LONG, "stream": True}) as resp:
         assert resp.status_code == 200
@@ -81,17 +104,19 @@ def test_stream_client_leaving_aborts_the_generation(fleet, http: httpx.Client) 
             seen.append(line)
             if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
                 break  # text is flowing
-        unfinished = _unfinished(worker_url)
-        assert unfinished == 1, (
+        assert _unfinished(worker_url) == 1, (
             f"{resp.headers['x-vpool-worker']} should be generating for us; all: {_everyone(fleet)}"
-            f" {workers}; the stream so far: {seen}"
+            f" {workers}; tokens generated since we asked: "
+            f"{ {url: _generated(url) - count for url, count in before.items()} }; the stream so far: {seen}"
         )
     # Leaving the block closed the connection mid-stream.
     assert _seconds_until_idle(worker_url) < IDLE_WITHIN_S
+    _assert_aborted(worker_url, before[worker_url])
 
 
 def test_non_stream_client_giving_up_aborts_the_generation(fleet) -> None:
     workers = _tiny_chat_workers(fleet)
+    before = {url: _generated(url) for url in workers.values()}
     gateway = urlsplit(fleet.gateway_url)
     body = json.dumps(LONG).encode()
     request = (
@@ -101,6 +126,7 @@ def test_non_stream_client_giving_up_aborts_the_generation(fleet) -> None:
     ).encode() + body
     with socket.create_connection((gateway.hostname, gateway.port), timeout=10) as client:
         client.sendall(request)
-        busy = _wait_until_busy(list(workers.values()))
+        busy = _wait_until_generating(before)
         # The client gives up (a timeout, a closed tab): it closes the connection unanswered.
     assert _seconds_until_idle(busy) < IDLE_WITHIN_S
+    _assert_aborted(busy, before[busy])

@@ -9,6 +9,8 @@ from collections import Counter
 import httpx
 import pytest
 
+from tests.integration.conftest import API_KEY
+
 pytestmark = pytest.mark.integration
 
 CHAT = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -22,8 +24,13 @@ def test_admin_view_lists_workers_with_model_url_tp_state_heartbeat_and_load(fle
     assert a["tensor_parallel_size"] == 1
     assert a["state"] == "READY"
     assert time.time() - a["last_heartbeat"] < 5
-    assert set(a["load"]) == {"running", "waiting", "kv_cache_usage"}
+    assert set(a["load"]) == {
+        "running", "waiting", "kv_cache_usage", "prefix_cache_queries", "prefix_cache_hits"
+    }  # fmt: skip
     assert workers["embed-f"]["runner"] == "pooling"
+    # What each engine runs at once, as vLLM settled it: the fair share's capacity.
+    assert workers["tiny-b"]["max_num_seqs"] == 32
+    assert isinstance(a["max_num_seqs"], int) and a["max_num_seqs"] > 32  # vLLM's default
 
 
 def test_admin_view_needs_the_registration_token(fleet) -> None:
@@ -70,3 +77,39 @@ def test_heartbeats_report_the_engine_running_a_request(fleet, http: httpx.Clien
         time.sleep(0.1)
     call.join()
     assert running_seen[served[0]] >= 1
+
+
+def _sample(text: str, name: str, **labels: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and labels.items() <= sample.labels.items():
+                return sample.value
+    return 0.0
+
+
+def test_the_gateway_shows_a_worker_finding_a_repeated_prompt_in_its_prefix_cache(fleet) -> None:
+    """The hit counters come from the engine itself: the gateway's copy (through heartbeats and
+    the registry) ends equal to the worker's own `vllm:prefix_cache_hits_total`."""
+    worker = next(w for w in fleet.admin_workers() if w["worker_id"] == "tiny-a")
+    labels = {"worker": "tiny-a", "model": "tiny-chat"}
+    hits = "vpool_worker_prefix_cache_hit_tokens_total"
+    before = _sample(httpx.get(f"{fleet.gateway_url}/metrics").text, hits, **labels)
+    # 700 prompt tokens (several KV blocks) straight to one engine, twice: the second finds the
+    # first's blocks in its cache. Token ids, so the count does not depend on the tokenizer.
+    body = {"model": "tiny-chat", "prompt": list(range(20, 720)), "max_tokens": 1}
+    for _ in range(2):
+        assert httpx.post(f"{worker['url']}/v1/completions", json=body, timeout=120).status_code == 200
+    deadline = time.monotonic() + 15  # a heartbeat (1 s), then a gateway refresh (0.2 s)
+    while True:
+        engine = _sample(httpx.get(f"{worker['url']}/metrics").text, "vllm:prefix_cache_hits_total")
+        shown = _sample(httpx.get(f"{fleet.gateway_url}/metrics").text, hits, **labels)
+        if shown == engine and shown > before:
+            break
+        assert time.monotonic() < deadline, f"gateway shows {shown} hit tokens, the engine {engine}"
+        time.sleep(0.2)
+    assert shown - before >= 512  # most of the repeated prompt, in whole blocks
+    console = httpx.get(f"{fleet.gateway_url}/ui/api/fleet", headers={"Authorization": f"Bearer {API_KEY}"})
+    [row] = [w for w in console.json()["workers"] if w["worker_id"] == "tiny-a"]
+    assert 0 < row["prefix_cache_hit_rate"] <= 1 and row["prefix_cache_hits"] >= shown

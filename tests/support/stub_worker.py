@@ -69,8 +69,9 @@ class RunningServer:
         """Ask the server to stop without waiting (stop several at once, then `stop` each)."""
         self.server.should_exit = True
 
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """Stop serving and wait for the thread; idempotent."""
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop serving and wait for the thread; idempotent. (Generous: on a loaded 2-core
+        machine a server's shutdown once took over 10 s.)"""
         self.request_stop()
         self.thread.join(timeout_s)
         if self.thread.is_alive():

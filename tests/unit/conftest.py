@@ -24,7 +24,7 @@ import pytest
 from fastapi import FastAPI
 
 from tests.support.stub_worker import RunningServer, StubWorker, serve_in_thread
-from vpool.config import GatewaySettings, ModelSpec, Settings
+from vpool.config import GatewaySettings, ModelSpec, RegistrySettings, Settings
 from vpool.gateway.app import create_app
 from vpool.gateway.routing import RoutingPolicy
 from vpool.gateway.server import gateway_server
@@ -61,7 +61,11 @@ class GatewayHandle:
         worker_id: str | None = None,
         state: WorkerState = WorkerState.READY,
         waiting: int = 0,
+        running: int = 0,
         max_model_len: int | None = None,
+        max_num_seqs: int | None = None,
+        prefix_cache_queries: int = 0,
+        prefix_cache_hits: int = 0,
     ) -> WorkerRecord:
         """Register a stub (or any URL) and make the gateway see it now."""
         url = target if isinstance(target, str) else target.url
@@ -73,8 +77,14 @@ class GatewayHandle:
             url=url,
             models=list(models),
             state=state,
-            load=WorkerLoad(waiting=waiting),
+            load=WorkerLoad(
+                waiting=waiting,
+                running=running,
+                prefix_cache_queries=prefix_cache_queries,
+                prefix_cache_hits=prefix_cache_hits,
+            ),
             max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs,
         )
         self.server.call(self.registry.put(record, RECORD_TTL_S))
         self.refresh()
@@ -138,12 +148,15 @@ class Servers:
         policy: RoutingPolicy | None = None,
         customize: Callable[[FastAPI], None] | None = None,
         key_store: KeyStore | None = None,
+        registry: RegistrySettings | None = None,
         **gateway_settings: Any,
     ) -> GatewayHandle:
         """A gateway over a registry of its own; `gateway_settings` are more GatewaySettings.
         Its key store is `key_store`, else the test session's (empty) one.
 
-        `customize(app)` runs before it serves, as a team extending the app would.
+        `customize(app)` runs before it serves, as a team extending the app would. `registry`
+        names a Redis for what gateways share beyond the fleet (the keys' limits); the fleet
+        stays in memory, fed by `add_worker`.
         """
         gateway_settings.setdefault("connect_timeout_s", 2.0)
         settings = Settings(
@@ -156,15 +169,16 @@ class Servers:
                 **gateway_settings,
             ),
             models=[ModelSpec(name=name, model=f"builtin:{name}") for name in catalog],
+            registry=registry or RegistrySettings(),
         )
-        registry = MemoryRegistry()
-        app = create_app(settings, registry, policy, key_store)
+        fleet_registry = MemoryRegistry()
+        app = create_app(settings, fleet_registry, policy, key_store)
         if customize is not None:
             customize(app)
         server = self.serve(
             app, server_factory=lambda app, host, port: gateway_server(app, settings.gateway, host, port)
         )
-        return GatewayHandle(server.url, app, registry, server, itertools.count(1))
+        return GatewayHandle(server.url, app, fleet_registry, server, itertools.count(1))
 
     def request_stop(self) -> None:
         for server in self._started:

@@ -135,6 +135,20 @@ def test_the_fleet_api_lists_models_workers_and_jobs(gateway: GatewayHandle, htt
         gateway.server.call(gateway.registry.remove_job(job_id))
 
 
+def test_the_fleet_api_gives_each_workers_prefix_cache_hit_rate(
+    gateway: GatewayHandle, stub: StubWorker, http: httpx.Client
+) -> None:
+    gateway.clear()
+    gateway.add_worker(stub, worker_id="warm", prefix_cache_queries=6150, prefix_cache_hits=3968)
+    gateway.add_worker(stub, worker_id="cold")  # looked nothing up: caching off, or no traffic yet
+    workers = {w["worker_id"]: w for w in http.get(gateway.url + FLEET).json()["workers"]}
+    warm, cold = workers["warm"], workers["cold"]
+    assert (warm["prefix_cache_hits"], warm["prefix_cache_queries"]) == (3968, 6150)
+    assert warm["prefix_cache_hit_rate"] == round(3968 / 6150, 4)
+    # No lookups is no rate (the page shows a dash), not a 0 % hit rate.
+    assert (cold["prefix_cache_queries"], cold["prefix_cache_hit_rate"]) == (0, None)
+
+
 def test_the_fleet_api_counts_this_gateways_requests_in_flight(
     gateway: GatewayHandle, stub: StubWorker, http: httpx.Client
 ) -> None:

@@ -127,7 +127,9 @@ def test_registered_worker_is_ready_in_the_admin_view(
     assert w["tensor_parallel_size"] == 2
     assert w["kind"] == "vpool"
     assert w["last_heartbeat"] >= before
-    assert w["load"] == {"running": 0, "waiting": 0, "kv_cache_usage": 0.0}
+    assert w["load"] == {
+        "running": 0, "waiting": 0, "kv_cache_usage": 0.0, "prefix_cache_queries": 0, "prefix_cache_hits": 0
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize("failure", ["refused", "unhealthy"])
@@ -186,13 +188,32 @@ def test_heartbeat_updates_the_load_in_the_admin_view(
 ) -> None:
     assert http.post(controller.url + "/v1/workers", json=registration(stub.url)).status_code == 201
     first = workers(http, controller.url)["w1"]["last_heartbeat"]
-    load = {"running": 3, "waiting": 7, "kv_cache_usage": 0.5}
+    load = {
+        "running": 3,
+        "waiting": 7,
+        "kv_cache_usage": 0.5,
+        "prefix_cache_queries": 900,
+        "prefix_cache_hits": 640,
+    }
     resp = http.post(controller.url + "/v1/workers/w1/heartbeat", json=load)
     assert resp.status_code == 200, resp.text
     assert resp.json()["load"] == load
     w = workers(http, controller.url)["w1"]
     assert w["load"] == load
     assert w["last_heartbeat"] >= first
+
+
+def test_a_heartbeat_without_prefix_cache_counters_still_counts_as_reporting_none(
+    controller: ControllerHandle, stub: StubWorker, http: httpx.Client
+) -> None:
+    """A worker from before the counters (or one that cannot read them) keeps heartbeating."""
+    assert http.post(controller.url + "/v1/workers", json=registration(stub.url)).status_code == 201
+    resp = http.post(controller.url + "/v1/workers/w1/heartbeat", json={"running": 1})
+    assert resp.status_code == 200, resp.text
+    load = workers(http, controller.url)["w1"]["load"]
+    assert (load["running"], load["prefix_cache_queries"], load["prefix_cache_hits"]) == (1, 0, 0)
+    bad = http.post(controller.url + "/v1/workers/w1/heartbeat", json={"prefix_cache_hits": -1})
+    assert assert_openai_error(bad, 400)["param"] == "prefix_cache_hits"
 
 
 def test_heartbeat_of_an_unknown_worker_is_404_so_it_registers_again(

@@ -9,7 +9,9 @@ all; a team's own middleware wraps the data routes too.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import httpx
 import openai
@@ -244,3 +246,30 @@ def test_an_unexpected_error_on_a_data_route_is_500_in_openai_shape(
     error = assert_openai_error(http.post(gw.url + "/v1/chat/completions", content=_body(messages=[])), 500)
     assert error["type"] == "server_error"
     assert "a bug" not in error["message"]  # never a traceback or internals
+
+
+def _connections_to(port: int) -> int:
+    """Established TCP connections on this host whose far end is `port` (from /proc)."""
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[2].split(":")[1], 16) == port and fields[3] == "01":  # 01: ESTABLISHED
+            count += 1
+    return count
+
+
+def test_a_lookup_left_unanswered_when_another_worker_held_the_response_closes_its_connection(
+    start_gateway: GatewayFactory, gateway: GatewayHandle, stub: StubWorker, start_stub: StubFactory,
+    http: httpx.Client,
+) -> None:  # fmt: skip
+    made = http.post(gateway.url + "/v1/responses", content=_body(input="hi")).json()
+    # A worker only the fresh gateway knows: every connection to it is one of its lookups.
+    slow = start_stub("slow", response_delay_s=5.0)  # it answers, but long after `stub` has
+    fresh = start_gateway()
+    for worker in (stub, slow):
+        fresh.add_worker(worker)
+    assert _served_by(http.get(fresh.url + f"/v1/responses/{made['id']}")) == stub.name
+    deadline = time.monotonic() + 2.0
+    while _connections_to(slow.server.port) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _connections_to(slow.server.port) == 0, "the cancelled lookup kept its connection open"

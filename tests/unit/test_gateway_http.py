@@ -25,7 +25,7 @@ from tests.unit.conftest import (
     StubFactory,
     assert_openai_error,
 )
-from vpool.registry.records import WorkerState
+from vpool.registry.records import WorkerRecord, WorkerState
 
 CHAT = "/v1/chat/completions"
 
@@ -108,7 +108,11 @@ def test_original_request_bytes_reach_the_worker_unchanged(
     assert http.post(gateway.url + CHAT, content=odd).status_code == 200
     with http.stream("POST", gateway.url + CHAT, content=streamed) as resp:
         resp.read()
-    assert stub.bodies == [odd, streamed]
+    # A stream is asked for its usage (metering): one member added last, every byte before
+    # it as the client sent it.
+    end = streamed.rindex(b"}")
+    asked = b',"stream_options":{"include_usage":true,"continuous_usage_stats":true}'
+    assert stub.bodies == [odd, streamed[:end] + asked + streamed[end:]]
 
 
 # --- errors the gateway answers itself ----------------------------------------------------------
@@ -378,6 +382,63 @@ def test_metrics_count_requests_in_prometheus_text(gateway: GatewayHandle, http:
     )
     assert metric(after, "vpool_ready_workers", model=MODEL) == 1
     assert metric(after, "vpool_registry_up") == 1
+
+
+HIT_TOKENS = "vpool_worker_prefix_cache_hit_tokens_total"
+QUERY_TOKENS = "vpool_worker_prefix_cache_query_tokens_total"
+
+
+def _prefix_series(text: str) -> dict[str, tuple[float, float]]:
+    """worker id → (queried, hit) tokens, from the gateway's Prometheus text."""
+    found: dict[str, list[float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in (QUERY_TOKENS, HIT_TOKENS):
+                pair = found.setdefault(sample.labels["worker"], [0.0, 0.0])
+                pair[sample.name == HIT_TOKENS] = sample.value
+    return {worker: (pair[0], pair[1]) for worker, pair in found.items()}
+
+
+def test_metrics_show_each_workers_prefix_cache_counters_until_it_leaves(
+    gateway: GatewayHandle, stub: StubWorker, start_stub: StubFactory, http: httpx.Client
+) -> None:
+    gateway.clear()
+    a = gateway.add_worker(stub, worker_id="a", prefix_cache_queries=6150, prefix_cache_hits=3968)
+    gateway.add_worker(start_stub("b"), ["other-model"], worker_id="b")
+    text = http.get(gateway.url + "/metrics").text
+    assert "# TYPE vpool_worker_prefix_cache_hit_tokens_total counter" in text
+    assert metric(text, HIT_TOKENS, worker="a", model=MODEL) == 3968
+    assert metric(text, QUERY_TOKENS, worker="a", model=MODEL) == 6150
+    # A worker that has looked nothing up yet starts its series at 0, so `rate` sees its first rise.
+    assert _prefix_series(text)["b"] == (0, 0)
+
+    # The next heartbeat's totals, as soon as the gateway's refresh reads them.
+    load = a.load.model_copy(update={"prefix_cache_queries": 8200, "prefix_cache_hits": 5952})
+    gateway.server.call(gateway.registry.heartbeat("a", load, 300))
+    gateway.refresh()
+    assert _prefix_series(http.get(gateway.url + "/metrics").text)["a"] == (8200, 5952)
+
+    gateway.remove("a")
+    gateway.refresh()
+    assert set(_prefix_series(http.get(gateway.url + "/metrics").text)) == {"b"}
+
+
+def test_an_external_server_has_no_prefix_cache_series(gateway: GatewayHandle, http: httpx.Client) -> None:
+    """Its heartbeats come from the controller's probe, which knows nothing of its cache: a 0
+    there would read as a worker that never hits."""
+    gateway.clear()
+    record = WorkerRecord(
+        worker_id="ext", url="http://127.0.0.1:9", models=[MODEL], kind="external", state=WorkerState.READY
+    )
+    gateway.server.call(gateway.registry.put(record, 300))
+    gateway.refresh()
+    text = http.get(gateway.url + "/metrics").text
+    assert metric(text, "vpool_ready_workers", model=MODEL) == 1
+    assert _prefix_series(text) == {}
+    record = record.model_copy(update={"kind": "vpool"})
+    gateway.server.call(gateway.registry.put(record, 300))
+    gateway.refresh()
+    assert _prefix_series(http.get(gateway.url + "/metrics").text) == {"ext": (0, 0)}
 
 
 # --- routing --------------------------------------------------------------------------------------

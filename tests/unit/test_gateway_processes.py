@@ -33,6 +33,12 @@ def _refuses_connections_within(url: str, limit_s: float) -> bool:
             httpx.get(url + "/health", timeout=2)
         except httpx.ConnectError:
             return True
+        except httpx.ReadError as exc:
+            # Connected in the instant the listener closed: the kernel resets what was left
+            # in its accept queue. Refused too, as a client sees it.
+            if "Connection reset" in str(exc):
+                return True
+            raise
         time.sleep(0.05)
     return False
 

@@ -192,12 +192,12 @@ def test_a_key_made_revoked_or_expired_through_the_admin_api_takes_effect_on_eve
     assert "secret_hash" not in made.json()["key"] and made.json()["key"]["prefix"] == secret[:11]
     auth = {"Authorization": f"Bearer {secret}"}
 
+    # Once the gateway has read a key, a request without one is refused; this key gets in.
     _within(
-        PROPAGATION_S,
-        lambda: httpx.post(f"{gateway.url}/v1/chat/completions", json=CHAT, headers=auth).status_code == 200,
+        PROPAGATION_S, lambda: httpx.post(f"{gateway.url}/v1/chat/completions", json=CHAT).status_code == 401
     )
-    # Once a key exists, a request without one is refused.
     assert_openai_error(httpx.post(f"{gateway.url}/v1/chat/completions", json=CHAT), 401)
+    assert httpx.post(f"{gateway.url}/v1/chat/completions", json=CHAT, headers=auth).status_code == 200
     listed = _admin(controller, "GET").json()["data"]
     assert [k["key_id"] for k in listed] == [key_id] and secret not in str(listed)
     _within(PROPAGATION_S, lambda: _admin(controller, "GET", f"/{key_id}").json()["last_used_at"] is not None)
@@ -228,7 +228,7 @@ def test_a_key_limited_to_some_models_sees_only_those(fleet) -> None:
     controller, gateway, _ = fleet
     made = _admin(controller, "POST", json={"name": "narrow", "models": ["tiny-chat"]}).json()
     auth = {"Authorization": f"Bearer {made['secret']}"}
-    _within(PROPAGATION_S, lambda: httpx.get(f"{gateway.url}/v1/models", headers=auth).status_code == 200)
+    _within(PROPAGATION_S, lambda: httpx.get(f"{gateway.url}/v1/models").status_code == 401)
     listed = httpx.get(f"{gateway.url}/v1/models", headers=auth).json()["data"]
     assert [m["id"] for m in listed] == ["tiny-chat"]
     assert httpx.get(f"{gateway.url}/v1/models/tiny-chat", headers=auth).status_code == 200
@@ -254,10 +254,11 @@ def test_the_keys_last_read_keep_working_while_the_store_is_away(fleet) -> None:
     controller, gateway, flaky = fleet
     made = _admin(controller, "POST", json={"name": "steady"}).json()
     auth = {"Authorization": f"Bearer {made['secret']}"}
+    # Until the gateway has read a key it is open to all: wait for it to refuse the keyless.
     _within(
-        PROPAGATION_S,
-        lambda: httpx.post(f"{gateway.url}/v1/chat/completions", json=CHAT, headers=auth).status_code == 200,
+        PROPAGATION_S, lambda: httpx.post(f"{gateway.url}/v1/chat/completions", json=CHAT).status_code == 401
     )
+    assert httpx.post(f"{gateway.url}/v1/chat/completions", json=CHAT, headers=auth).status_code == 200
     flaky.away = True
     _within(PROPAGATION_S, lambda: not gateway.state.keys.store_ok)
     assert httpx.post(f"{gateway.url}/v1/chat/completions", json=CHAT, headers=auth).status_code == 200

@@ -1,4 +1,4 @@
-"""The gateway and controller must install and start without vLLM or torch."""
+"""The gateway and controller must install and start without vLLM, torch or Ray."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ def test_gateway_controller_and_cli_import_without_vllm_or_torch() -> None:
         "import sys\n"
         "import vpool.cli, vpool.embedded, vpool.gateway.app\n"
         "import vpool.controller.app, vpool.controller.service\n"
-        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in {'vllm', 'torch', 'transformers'})\n"
+        "heavy = {'vllm', 'torch', 'transformers', 'ray'}\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in heavy)\n"
         "print(heavy)\n"
         "sys.exit(1 if heavy else 0)\n"
     )

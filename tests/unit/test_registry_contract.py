@@ -34,7 +34,9 @@ def make_record(worker_id: str = "w1", **changes: object) -> WorkerRecord:
         "models": ["tiny-llama", "tiny"],
         "model_path": "/models/tiny",
         "state": WorkerState.READY,
-        "load": WorkerLoad(running=1, waiting=2, kv_cache_usage=0.125),
+        "load": WorkerLoad(
+            running=1, waiting=2, kv_cache_usage=0.125, prefix_cache_queries=4096, prefix_cache_hits=1024
+        ),
     }
     fields.update(changes)
     return WorkerRecord.model_validate(fields)
@@ -112,7 +114,10 @@ async def test_heartbeat_refreshes_load_and_keeps_worker_alive(registry: Registr
     ttl_s = 0.6
     await registry.put(record, ttl_s)
     await asyncio.sleep(0.4)
-    load = WorkerLoad(running=7, waiting=3, kv_cache_usage=0.5)
+    # The engine's prefix-cache counters travel with the load, whole.
+    load = WorkerLoad(
+        running=7, waiting=3, kv_cache_usage=0.5, prefix_cache_queries=2**40, prefix_cache_hits=3
+    )
     before = time.time()
     updated = await registry.heartbeat("w1", load, ttl_s)
 
@@ -313,3 +318,43 @@ async def test_jobs_handed_out_are_copies(registry: Registry) -> None:
     job.worker_ids.append("changed-outside")
     again = await registry.get_job("9")
     assert again is not None and again.worker_ids == []
+
+
+# --- gateways -----------------------------------------------------------------------------
+
+
+async def test_announced_gateways_are_listed_by_url_apart_from_workers(registry: Registry) -> None:
+    await registry.announce_gateway("http://gw-b:8000", TTL_S)
+    await registry.announce_gateway("http://gw-a:8000", TTL_S)
+    await registry.put(make_record("w1"), TTL_S)
+    gateways = await registry.list_gateways()
+    assert [g.url for g in gateways] == ["http://gw-a:8000", "http://gw-b:8000"]
+    assert all(time.time() - g.announced_at < 5 for g in gateways)
+    assert [r.worker_id for r in await registry.list_workers()] == ["w1"]
+
+
+async def test_a_gateway_that_stops_announcing_disappears_when_its_ttl_passes(registry: Registry) -> None:
+    await registry.announce_gateway("http://gone:8000", SHORT_TTL_S)
+    await registry.announce_gateway("http://alive:8000", SHORT_TTL_S)
+    await asyncio.sleep(SHORT_TTL_S / 2)
+    await registry.announce_gateway("http://alive:8000", SHORT_TTL_S)  # announcing again renews it
+    await asyncio.sleep(SHORT_TTL_S / 2 + 0.1)
+    assert [g.url for g in await registry.list_gateways()] == ["http://alive:8000"]
+
+
+async def test_a_withdrawn_gateway_is_gone_at_once(registry: Registry) -> None:
+    await registry.announce_gateway("http://gw:8000", TTL_S)
+    await registry.withdraw_gateway("http://gw:8000")
+    await registry.withdraw_gateway("http://never-there:8000")
+    assert await registry.list_gateways() == []
+
+
+async def test_redis_list_gateways_prunes_urls_of_expired_announcements() -> None:
+    prefix = unique_prefix()
+    async with redis_backend(prefix) as (registry, raw):
+        await registry.announce_gateway("http://short:8000", SHORT_TTL_S)
+        await registry.announce_gateway("http://long:8000", TTL_S)
+        assert 0 < await raw.pttl(f"{prefix}:announced-gateway:http://long:8000") <= TTL_S * 1000
+        await asyncio.sleep(SHORT_TTL_S + 0.2)
+        assert [g.url for g in await registry.list_gateways()] == ["http://long:8000"]
+        assert await raw.smembers(f"{prefix}:announced-gateways") == {b"http://long:8000"}

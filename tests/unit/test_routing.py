@@ -13,6 +13,7 @@ from vpool.config import ConfigError, RoutingName, load_settings
 from vpool.gateway.routing import (
     LeastOutstanding,
     PowerOfTwoChoices,
+    PrefixAffinity,
     RoundRobin,
     RoutingPolicy,
     make_policy,
@@ -163,6 +164,7 @@ def test_round_robin_spreads_evenly_over_each_models_own_workers() -> None:
     [
         ("least_outstanding", LeastOutstanding),
         ("power_of_two", PowerOfTwoChoices),
+        ("prefix", PrefixAffinity),
         ("round_robin", RoundRobin),
     ],
 )
@@ -178,7 +180,7 @@ def test_make_policy_knows_every_name_the_configuration_accepts() -> None:
 def test_make_policy_rejects_an_unknown_name_and_lists_the_known_ones() -> None:
     with pytest.raises(ValueError, match="unknown routing policy `fastest`") as info:
         make_policy("fastest")
-    assert "least_outstanding, power_of_two, round_robin" in str(info.value)
+    assert "least_outstanding, power_of_two, prefix, round_robin" in str(info.value)
 
 
 def test_each_policy_instance_keeps_its_own_state() -> None:

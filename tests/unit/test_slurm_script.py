@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import subprocess
 
-from vpool.config import ModelSpec
+from vpool.catalog.catalog import load_catalog
+from vpool.config import LaunchSettings, ModelSpec
+from vpool.controller.job_spec import resolve
 from vpool.controller.jobs import _with_worker_ids, worker_argv
 from vpool.controller.slurm import ScriptPart, SlurmResources, parse_scontrol, render_script
+from vpool.launch import LaunchRequest
 
 PY = "/opt/venv/bin/python"
 
@@ -54,6 +57,27 @@ def test_a_job_over_several_nodes_starts_a_ray_cluster_first() -> None:
     head = script.index("start --head")
     assert script.index("start --address=") > head
     assert script.index("exec ") > script.index('export RAY_ADDRESS="$head_ip:6379"')
+
+
+def test_a_launch_over_several_nodes_runs_its_worker_on_vllms_ray_executor_and_one_node_does_not() -> None:
+    catalog = lambda: load_catalog([], environ={})  # noqa: E731
+    scripts = {}
+    for nodes in (1, 2):
+        request = LaunchRequest.model_validate(
+            {"model": "Meta-Llama-3.1-70B-Instruct", "launcher": "slurm",
+             "overrides": {"num_nodes": nodes, "tensor_parallel_size": 4, "pipeline_parallel_size": 2}}
+        )  # fmt: skip
+        spec = resolve(request, catalog, LaunchSettings())
+        argv = worker_argv(PY, spec.model, "http://ctl:8001", "/cache")
+        part = ScriptPart("big", spec.resources, argv, "/logs/x/big.%j/worker.log")
+        scripts[nodes] = _with_worker_ids(render_script("vpool-big", [part], PY), ["big"])
+        _bash_ok(scripts[nodes])
+    exec_line = scripts[2].splitlines()[-1]
+    assert exec_line.startswith("exec ") and "--distributed-executor-backend ray" in exec_line
+    assert "--tensor-parallel-size 4 --pipeline-parallel-size 2" in exec_line
+    # The worker joins the cluster the script started: RAY_ADDRESS is set before it runs.
+    assert scripts[2].index('export RAY_ADDRESS="$head_ip:6379"') < scripts[2].index(exec_line)
+    assert "--distributed-executor-backend" not in scripts[1] and "ray" not in scripts[1]
 
 
 def test_a_batch_is_one_heterogeneous_job_with_a_worker_per_component() -> None:

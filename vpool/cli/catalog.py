@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -18,7 +18,7 @@ from rich.table import Table
 from vpool.catalog.catalog import Catalog, CatalogEntry, load_catalog
 from vpool.catalog.errors import CatalogError
 from vpool.catalog.planner import DEFAULT_GPU, Plan, plan
-from vpool.cli.common import app
+from vpool.cli.common import app, fail, print_json
 
 CatalogOpt = Annotated[
     list[Path] | None,
@@ -41,15 +41,15 @@ def list_models(
         models = load_catalog(catalog or [])
         entry = models.get(model) if model else None
     except CatalogError as exc:
-        _fail(exc, as_json)
+        fail(exc, as_json)
     if entry is not None:
         if as_json:
-            _print_json(entry.model_dump(mode="json"))
+            print_json(entry.model_dump(mode="json"))
         else:
             _console().print(_entry_table(entry))
         return
     if as_json:
-        _print_json({"models": [e.model_dump(mode="json") for e in models], "sources": models.sources})
+        print_json({"models": [e.model_dump(mode="json") for e in models], "sources": models.sources})
     else:
         _console().print(_catalog_table(models))
 
@@ -100,9 +100,9 @@ def plan_model(
             gpus_per_node=gpus_per_node,
         )
     except CatalogError as exc:
-        _fail(exc, as_json)
+        fail(exc, as_json)
     if as_json:
-        _print_json({**verdict.model_dump(mode="json"), "summary": verdict.summary()})
+        print_json({**verdict.model_dump(mode="json"), "summary": verdict.summary()})
     else:
         console = _console()
         console.print(_plan_table(verdict))
@@ -115,18 +115,6 @@ def plan_model(
 def _is_path(model: str) -> bool:
     """A directory, or what can only be meant as one (hub ids hold a slash too)."""
     return model.startswith(("/", ".", "~")) or Path(model).expanduser().is_dir()
-
-
-def _fail(exc: CatalogError, as_json: bool) -> NoReturn:
-    if as_json:
-        _print_json(exc.body())
-    else:
-        typer.secho(str(exc), fg="red", err=True)
-    raise typer.Exit(2)
-
-
-def _print_json(data: dict[str, Any]) -> None:
-    typer.echo(json.dumps(data, indent=2))
 
 
 def _console() -> Console:

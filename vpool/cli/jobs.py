@@ -11,42 +11,20 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
 import yaml
+from pydantic import ValidationError
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from vpool.cli.common import app, parse_engine_args
+from vpool.cli.common import ControllerOpt, JsonOpt, app, fail, invalid, parse_engine_args, print_json
 from vpool.client import VpoolClient, VpoolClientError, launch_request
 from vpool.registry.records import JobRecord
 
-ControllerOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--controller", envvar="VPOOL_CONTROLLER_URL", help="The controller (default 127.0.0.1:8001)."
-    ),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 JobArg = Annotated[str, typer.Argument(help="The job id `vpool launch` printed.")]
-
-
-def _client(controller: str | None) -> VpoolClient:
-    return VpoolClient(controller)
-
-
-def _fail(exc: VpoolClientError, as_json: bool) -> NoReturn:
-    if as_json:
-        typer.echo(json.dumps(exc.body()))
-    else:
-        typer.secho(exc.message, fg="red", err=True)
-    raise typer.Exit(2)
-
-
-def _print_json(data: Any) -> None:
-    typer.echo(json.dumps(data, indent=2, default=str))
 
 
 def _job_table(job: JobRecord) -> Table:
@@ -70,7 +48,7 @@ def _job_table(job: JobRecord) -> Table:
 @app.command()
 def launch(
     model: Annotated[str, typer.Argument(help="A catalog model (see `vpool list`).")],
-    launcher: Annotated[str, typer.Option(help="local | slurm")] = "local",
+    launcher: Annotated[str, typer.Option(help="local | slurm | ray | skypilot")] = "local",
     replicas: Annotated[int | None, typer.Option(min=1, help="Workers (one job each).")] = None,
     max_model_len: Annotated[int | None, typer.Option(min=1)] = None,
     tensor_parallel_size: Annotated[int | None, typer.Option(min=1)] = None,
@@ -92,6 +70,23 @@ def launch(
         str | None, typer.Option(help="Parent of FAMILY-VARIANT weight directories.")
     ] = None,
     gpu: Annotated[str | None, typer.Option(help="GPU type: the planner refuses what cannot fit.")] = None,
+    ray_address: Annotated[
+        str | None, typer.Option(help="--launcher ray: the cluster's dashboard, e.g. http://ray-head:8265.")
+    ] = None,
+    accelerator: Annotated[
+        str | None, typer.Option(help="--launcher skypilot: the VM's GPUs as NAME:COUNT, e.g. A100:1.")
+    ] = None,
+    cloud: Annotated[str | None, typer.Option(help="--launcher skypilot: aws, gcp, azure, ...")] = None,
+    region: Annotated[str | None, typer.Option(help="--launcher skypilot: the cloud's region.")] = None,
+    cluster: Annotated[
+        str | None, typer.Option(help="--launcher skypilot: the cluster's name (default: vpool-MODEL-ID).")
+    ] = None,
+    env: Annotated[
+        list[str] | None, typer.Option(help="--launcher skypilot: KEY=VALUE for the worker. Repeatable.")
+    ] = None,
+    source: Annotated[
+        str | None, typer.Option(help="--launcher skypilot: the weights' bucket, e.g. s3://bucket/path.")
+    ] = None,
     force: Annotated[bool, typer.Option(help="Launch even when the planner says it cannot fit.")] = False,
     controller: ControllerOpt = None,
     as_json: JsonOpt = False,
@@ -105,24 +100,46 @@ def launch(
             "engine_args": parse_engine_args(engine_arg or []), "partition": partition, "qos": qos,
             "time": time_limit, "num_nodes": num_nodes, "gpus_per_node": gpus_per_node,
             "cpus_per_task": cpus_per_task, "mem": mem, "account": account, "weights_dir": weights_dir,
-            "gpu": gpu,
+            "gpu": gpu, "ray_address": ray_address, "accelerator": accelerator, "cloud": cloud,
+            "region": region, "cluster": cluster, "envs": _parse_envs(env or []) or None, "source": source,
         }  # fmt: skip
         request = launch_request(
             model, launcher, force, **{k: v for k, v in overrides.items() if v is not None}
         )
+    except ValidationError as exc:
+        invalid(f"invalid launch options: {_first_error(exc)}", as_json)
     except (ValueError, TypeError) as exc:
-        _fail(VpoolClientError(f"invalid launch options: {exc}", code="invalid_options"), as_json)
+        invalid(f"invalid launch options: {exc}", as_json)
     try:
-        with _client(controller) as fleet:
+        with VpoolClient(controller) as fleet:
             jobs = fleet.submit(request)
     except VpoolClientError as exc:
-        _fail(exc, as_json)
+        fail(exc, as_json)
     _show_jobs(jobs, as_json)
+
+
+def _parse_envs(pairs: list[str]) -> dict[str, str]:
+    """`--env KEY=VALUE` pairs, the value as written."""
+    envs = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--env expects KEY=VALUE, got `{pair}`")
+        envs[key] = value
+    return envs
+
+
+def _first_error(exc: ValidationError) -> str:
+    """Pydantic's first complaint on one line: `overrides.source: the weights' source ...`."""
+    error = exc.errors()[0]
+    where = ".".join(str(p) for p in error["loc"])
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"{where}: {message}" if where else message
 
 
 def _show_jobs(jobs: list[JobRecord], as_json: bool) -> None:
     if as_json:
-        _print_json(
+        print_json(
             [j.model_dump(mode="json") for j in jobs] if len(jobs) > 1 else jobs[0].model_dump(mode="json")
         )
         return
@@ -158,12 +175,12 @@ def batch_launch(
             for item in items
         ]
     except (OSError, ValueError, TypeError, KeyError, yaml.YAMLError) as exc:
-        _fail(VpoolClientError(f"invalid batch: {exc}", code="invalid_options"), as_json)
+        invalid(f"invalid batch: {exc}", as_json)
     try:
-        with _client(controller) as fleet:
+        with VpoolClient(controller) as fleet:
             jobs = fleet.batch_launch(requests)
     except VpoolClientError as exc:
-        _fail(exc, as_json)
+        fail(exc, as_json)
     _show_jobs(jobs, as_json)
 
 
@@ -188,12 +205,12 @@ def status(
 ) -> None:
     """A job's state: PENDING (with Slurm's reason), LAUNCHING, READY, FAILED (why), SHUTDOWN."""
     try:
-        with _client(controller) as fleet:
+        with VpoolClient(controller) as fleet:
             job = fleet.status(job_id)
     except VpoolClientError as exc:
-        _fail(exc, as_json)
+        fail(exc, as_json)
     if as_json:
-        _print_json({**job.model_dump(mode="json"), "gateway_url": gateway})
+        print_json({**job.model_dump(mode="json"), "gateway_url": gateway})
     else:
         typer.echo(_status_line(job, gateway))
 
@@ -202,12 +219,12 @@ def status(
 def jobs(controller: ControllerOpt = None, as_json: JsonOpt = False) -> None:
     """Every job the controller launched, and its state."""
     try:
-        with _client(controller) as fleet:
+        with VpoolClient(controller) as fleet:
             found = fleet.jobs()
     except VpoolClientError as exc:
-        _fail(exc, as_json)
+        fail(exc, as_json)
     if as_json:
-        _print_json([j.model_dump(mode="json") for j in found])
+        print_json([j.model_dump(mode="json") for j in found])
         return
     table = Table(title="Jobs", title_justify="left")
     for column in ("job", "model", "launcher", "state", "reason", "age"):
@@ -224,12 +241,12 @@ def jobs(controller: ControllerOpt = None, as_json: JsonOpt = False) -> None:
 def shutdown(job_id: JobArg, controller: ControllerOpt = None, as_json: JsonOpt = False) -> None:
     """Stop a job: its worker leaves routing, finishes what it serves, then exits."""
     try:
-        with _client(controller) as fleet:
+        with VpoolClient(controller) as fleet:
             job = fleet.shutdown(job_id)
     except VpoolClientError as exc:
-        _fail(exc, as_json)
+        fail(exc, as_json)
     if as_json:
-        _print_json(job.model_dump(mode="json"))
+        print_json(job.model_dump(mode="json"))
     else:
         typer.echo(
             f"{job.job_id}: shutting down (the worker drains, then leaves); see `vpool status {job.job_id}`"
@@ -245,7 +262,7 @@ def logs(
 ) -> None:
     """The job's worker log."""
     try:
-        with _client(controller) as fleet:
+        with VpoolClient(controller) as fleet:
             offset = -tail if tail else 0
             while True:
                 text, offset = fleet.log(job_id, offset)
@@ -255,7 +272,7 @@ def logs(
                 if not text:
                     time.sleep(1.0)
     except VpoolClientError as exc:
-        _fail(exc, False)
+        fail(exc, False)
     except KeyboardInterrupt:
         return
 
@@ -320,7 +337,7 @@ def metrics(
 ) -> None:
     """A live table of the job's vLLM metrics: throughput, requests, KV cache, latency, totals."""
     try:
-        with _client(controller) as fleet:
+        with VpoolClient(controller) as fleet:
             previous = {w["worker_url"]: w for w in fleet.metrics(job_id)["workers"]}
             if once:
                 time.sleep(1.0)
@@ -328,7 +345,7 @@ def metrics(
                     derive_metrics(previous.get(w["worker_url"]), w) for w in fleet.metrics(job_id)["workers"]
                 ]
                 if as_json:
-                    _print_json({"job_id": job_id, "workers": rows})
+                    print_json({"job_id": job_id, "workers": rows})
                 else:
                     Console().print(_metrics_table(job_id, rows))
                 return
@@ -340,6 +357,6 @@ def metrics(
                     previous = {w["worker_url"]: w for w in current}
                     live.update(_metrics_table(job_id, rows))
     except VpoolClientError as exc:
-        _fail(exc, as_json)
+        fail(exc, as_json)
     except KeyboardInterrupt:
         return

@@ -9,18 +9,16 @@ Errors are one sentence on stderr and exit status 2 (`{"error": {...}}` on stdou
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable
-from datetime import UTC, date, datetime
-from typing import Annotated, Any, NoReturn
+from datetime import UTC, datetime
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from vpool.cli.common import app
-from vpool.cli.jobs import ControllerOpt, JsonOpt, _client, _fail, _print_json
+from vpool.cli.common import ControllerOpt, JsonOpt, admin_refusal, app, fail, invalid, parse_time, print_json
 from vpool.client import VpoolClient, VpoolClientError
 
 KEYS_HELP = (
@@ -45,7 +43,13 @@ ParallelOpt = Annotated[
     int | None, typer.Option("--max-parallel", min=1, help="Requests in flight at once, at most.")
 ]
 PriorityOpt = Annotated[
-    int | None, typer.Option("--priority", min=1, help="Scheduling priority, 1 or more (default 1).")
+    int | None,
+    typer.Option(
+        "--priority",
+        min=1,
+        help="Its weight in the fair share of a full model: 2 gets two turns to a priority-1 "
+        "key's one (default 1).",
+    ),
 ]
 ExpiresOpt = Annotated[
     str | None,
@@ -62,38 +66,13 @@ MetaOpt = Annotated[
     ),
 ]
 
-DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
-UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
-
-def _invalid(message: str, as_json: bool) -> NoReturn:
-    _fail(VpoolClientError(message, code="invalid_options"), as_json)
-
 
 def parse_expires(value: str, now: float | None = None) -> float | None:
     """`--expires` as seconds since the epoch (None: `never`); ValueError saying why not."""
     now = time.time() if now is None else now
-    text = value.strip()
-    if text.lower() == "never":
+    if value.strip().lower() == "never":
         return None
-    if match := DURATION.match(text):
-        seconds = float(match[1]) * UNIT_S[match[2].lower()]
-        if seconds <= 0:
-            raise ValueError(f"--expires must be a duration above zero, got `{value}`")
-        return now + seconds
-    try:
-        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
-            moment = datetime.combine(date.fromisoformat(text), datetime.min.time())
-        elif "T" in text or " " in text:
-            moment = datetime.fromisoformat(text)
-        else:
-            raise ValueError
-    except ValueError:
-        raise ValueError(
-            f"--expires expects a duration (90m, 12h, 30d, 2w) or a date (YYYY-MM-DD or "
-            f"YYYY-MM-DDTHH:MM[:SS], UTC unless it names a zone), got `{value}`"
-        ) from None
-    at = (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+    at = parse_time(value, "--expires", now)
     if at <= now:
         raise ValueError(f"--expires `{value}` is in the past")
     return at
@@ -114,19 +93,6 @@ def parse_models(values: list[str]) -> list[str]:
     if not models:
         raise ValueError("--models needs at least one model name (or leave it out for every model)")
     return models
-
-
-def _admin_refusal(exc: VpoolClientError) -> VpoolClientError:
-    """401/403 from the admin API, with what to do about it."""
-    if exc.status in (401, 403):
-        hint = (
-            "Set VPOOL_ADMIN_TOKEN to the controller's admin token (controller.admin_token)."
-            if exc.status == 401
-            else "Give the controller an admin token and pass it here as VPOOL_ADMIN_TOKEN."
-        )
-        message = f"The controller refused the admin request ({exc.status}): {exc.message} {hint}"
-        return VpoolClientError(message, exc.status, exc.code)
-    return exc
 
 
 def _when(at: float | None, none: str = "-") -> str:
@@ -194,7 +160,7 @@ def _fields(
         if meta:
             fields["meta"] = parse_meta(meta)
     except ValueError as exc:
-        _invalid(str(exc), as_json)
+        invalid(str(exc), as_json)
     return fields
 
 
@@ -217,12 +183,12 @@ def create(
     gateway accepts the key within about a second."""
     fields = _fields(models, rpm, tpm, max_parallel, priority, expires, meta, as_json)
     try:
-        with _client(controller) as fleet:
+        with VpoolClient(controller) as fleet:
             made = fleet.create_key(name, **fields)
     except VpoolClientError as exc:
-        _fail(_admin_refusal(exc), as_json)
+        fail(admin_refusal(exc), as_json)
     if as_json:
-        _print_json(made)
+        print_json(made)
         return
     key = made["key"]
     typer.echo(f"Created API key {key['key_id']} ({key['name']}), prefix {key['prefix']}")
@@ -238,12 +204,12 @@ def create(
 def list_keys(controller: ControllerOpt = None, as_json: JsonOpt = False) -> None:
     """Every key, revoked and expired ones included: limits, use and state (never a secret)."""
     try:
-        with _client(controller) as fleet:
+        with VpoolClient(controller) as fleet:
             found = fleet.keys()
     except VpoolClientError as exc:
-        _fail(_admin_refusal(exc), as_json)
+        fail(admin_refusal(exc), as_json)
     if as_json:
-        _print_json(found)
+        print_json(found)
         return
     table = Table(title="API keys", title_justify="left")
     columns = ("id", "name", "prefix", "models", "rpm", "tpm", "parallel", "priority", "created",
@@ -296,14 +262,14 @@ def update(
     What is not given stays as it is, and so does the secret. Every gateway applies the
     change within about a second."""
     if all_models and models is not None:
-        _invalid("give --models or --all-models, not both", as_json)
+        invalid("give --models or --all-models, not both", as_json)
     fields = _fields(models, rpm, tpm, max_parallel, priority, expires, meta, as_json)
     if all_models:
         fields["models"] = None
     if name is not None:
         fields["name"] = name
     if not fields:
-        _invalid(
+        invalid(
             "nothing to change: give --name, --models, --all-models, --rpm, --tpm, --max-parallel, "
             "--priority, --expires or --meta",
             as_json,
@@ -317,12 +283,12 @@ def revoke(key_id: KeyArg, controller: ControllerOpt = None, as_json: JsonOpt = 
 
     It stays in `vpool keys list` as revoked; make a new one to replace it."""
     try:
-        with _client(controller) as fleet:
+        with VpoolClient(controller) as fleet:
             key = fleet.revoke_key(key_id)
     except VpoolClientError as exc:
-        _fail(_admin_refusal(exc), as_json)
+        fail(admin_refusal(exc), as_json)
     if as_json:
-        _print_json(key)
+        print_json(key)
     else:
         typer.echo(
             f"{key['key_id']} ({key['name']}, {key['prefix']}...): revoked at {_when(key['revoked_at'])} "
@@ -333,11 +299,11 @@ def revoke(key_id: KeyArg, controller: ControllerOpt = None, as_json: JsonOpt = 
 def _show_answer(controller: str | None, as_json: bool, ask: Callable[[VpoolClient], dict[str, Any]]) -> None:
     """Ask the controller for one key (`ask`), then print it: JSON, or its table."""
     try:
-        with _client(controller) as fleet:
+        with VpoolClient(controller) as fleet:
             key = ask(fleet)
     except VpoolClientError as exc:
-        _fail(_admin_refusal(exc), as_json)
+        fail(admin_refusal(exc), as_json)
     if as_json:
-        _print_json(key)
+        print_json(key)
     else:
         Console().print(_key_table(key))

@@ -157,6 +157,19 @@ def worker(
     engine_arg: Annotated[
         list[str] | None, typer.Option(help="Any other vLLM engine flag as KEY=VALUE. Repeatable.")
     ] = None,
+    distributed_executor_backend: Annotated[
+        str | None,
+        typer.Option(
+            help="mp | ray | uni. ray: vLLM's Ray executor spreads TP x PP over a Ray cluster's GPUs"
+            " (several nodes too). Default: vLLM's choice (processes on this node)."
+        ),
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="The Ray cluster to join (sets RAY_ADDRESS), e.g. 10.0.0.5:6379; needs the ray backend."
+        ),
+    ] = None,
     host: Annotated[str, typer.Option(help="Address the worker binds.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Worker port; 0 picks a free one.")] = 0,
     advertise_url: Annotated[str | None, typer.Option(help="URL gateways use to reach this worker.")] = None,
@@ -185,6 +198,10 @@ def worker(
 
     names = served_name or [model]
     try:
+        engine_args = parse_engine_args(engine_arg or [])
+        backend = distributed_executor_backend or engine_args.pop("distributed_executor_backend", None)
+        if ray_address and backend != "ray":
+            raise ValueError("--ray-address joins a Ray cluster: give --distributed-executor-backend ray too")
         spec = ModelSpec(
             name=names[0],
             aliases=names[1:],
@@ -196,11 +213,14 @@ def worker(
             max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization,
             chat_template=chat_template,
-            engine_args=parse_engine_args(engine_arg or []),
+            engine_args=engine_args,
+            distributed_executor_backend=backend,
         )
     except (ValidationError, ValueError) as exc:
         typer.secho(f"invalid worker options: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None
+    if ray_address:
+        os.environ["RAY_ADDRESS"] = ray_address  # vLLM's Ray executor calls ray.init(address=None)
     start_logging()
     options = WorkerOptions(
         spec=spec,

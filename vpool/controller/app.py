@@ -5,9 +5,13 @@
     POST   /v1/workers/{id}/drain      DRAINING: out of routing, in-flight work goes on
     DELETE /v1/workers/{id}            GONE (kept a minute for the admin view)
     GET    /v1/workers                 the fleet, for admins
+    GET    /v1/targets                 every gateway and worker, as Prometheus http_sd targets
+    GET    /metrics                    the registry's view of the fleet, for Prometheus
     GET    /health
 
-Every route needs the registration token when one is configured. While the registry is
+Every route needs the registration token when one is configured (Prometheus sends it with
+`authorization` in its `http_sd_configs` and scrape config: the targets are the fleet that
+`/v1/workers` shows). While the registry is
 away (Redis down or frozen) every route but `/health` answers 503 within the registry's
 timeout, workers retry, and `/health` says `degraded`.
 """
@@ -15,36 +19,46 @@ timeout, workers retry, and `/health` says `degraded`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import TypeVar
 
 import httpx
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import Response
 
 from vpool.auth import BearerKeys
 from vpool.background import cancel_and_wait
 from vpool.catalog.catalog import load_catalog
 from vpool.config import ControllerSettings, EndpointSpec
 from vpool.controller.external import EXTERNAL_TTL_S, ExternalProber
+from vpool.controller.fleet_metrics import render_fleet_metrics
 from vpool.controller.jobs import JobManager
 from vpool.controller.jobs_api import jobs_router
 from vpool.controller.keys_api import keys_router
 from vpool.controller.probe import probe_health, served_max_model_len
 from vpool.controller.schemas import ControllerHealth, WorkerList
-from vpool.errors import InvalidRequest, NotFound, VpoolError
+from vpool.controller.targets import TargetGroup, target_groups
+from vpool.controller.usage_api import usage_router
+from vpool.errors import InvalidRequest, NotFound, ServiceUnavailable
 from vpool.http_errors import install_error_handlers
 from vpool.registry.keys import KeyStore
 from vpool.registry.protocol import Registry, RegistryHealth, RegistryUnavailable
-from vpool.registry.records import Registration, RegistrationAccepted, WorkerLoad, WorkerRecord, WorkerState
+from vpool.registry.records import (
+    GatewayRecord,
+    Registration,
+    RegistrationAccepted,
+    WorkerLoad,
+    WorkerRecord,
+    WorkerState,
+)
 
 GONE_TTL_S = 60.0
 T = TypeVar("T")
 
 
-class RegistryDown(VpoolError):
-    status_code = 503
-    error_type = "service_unavailable"
+class RegistryDown(ServiceUnavailable):
     default_code = "registry_unavailable"
 
 
@@ -142,6 +156,24 @@ def create_controller_app(
         records.sort(key=lambda r: (r.models[0], r.worker_id))
         return WorkerList(data=records)
 
+    @workers.get("/v1/targets")
+    async def targets() -> list[TargetGroup]:
+        """Prometheus HTTP service discovery (`http_sd_configs`): no host listed by hand."""
+        records = await _registry_call(registry.list_workers())
+        gateways = await _registry_call(registry.list_gateways())
+        return target_groups(records, gateways)
+
+    @workers.get("/metrics", response_class=Response)
+    async def metrics() -> Response:
+        # A registry outage is a figure here, not a 503: the scrape is how it gets noticed.
+        records: list[WorkerRecord] | None = None
+        gateways: list[GatewayRecord] | None = None
+        with contextlib.suppress(RegistryUnavailable):
+            records = await status.track(registry.list_workers())
+            gateways = await status.track(registry.list_gateways())
+        body = render_fleet_metrics(records, gateways, status)
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
     @workers.get("/health")
     async def health() -> ControllerHealth:
         # From the outcome of recent calls (the endpoint prober makes one every heartbeat
@@ -157,4 +189,5 @@ def create_controller_app(
     app.include_router(jobs_router(settings))
     if key_store is not None:
         app.include_router(keys_router(settings, key_store))
+        app.include_router(usage_router(settings, key_store))
     return app

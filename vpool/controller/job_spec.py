@@ -64,6 +64,7 @@ def _resolve(request: LaunchRequest, catalog: Catalog, settings: LaunchSettings)
     tp = o.tensor_parallel_size or engine_args.pop("tensor_parallel_size", None)
     pp = o.pipeline_parallel_size or engine_args.pop("pipeline_parallel_size", None)
     max_len = o.max_model_len or engine_args.pop("max_model_len", None) or entry.max_model_len
+    backend = engine_args.pop("distributed_executor_backend", None)
     planned: dict[str, Any] | None = None
     if o.gpu:
         verdict = plan(
@@ -92,11 +93,12 @@ def _resolve(request: LaunchRequest, catalog: Catalog, settings: LaunchSettings)
         max_model_len=max_len,
         replicas=o.replicas or 1,
         engine_args=engine_args,
+        distributed_executor_backend=backend,
     )
     num_nodes = o.num_nodes or slurm.num_nodes
     gpus = slurm.gpus_per_node if o.gpus_per_node is None else o.gpus_per_node
-    if num_nodes > 1:
-        model.engine_args.setdefault("distributed_executor_backend", "ray")
+    if num_nodes > 1:  # one engine over several nodes: only vLLM's Ray executor spans them
+        model.distributed_executor_backend = "ray"
     resources = SlurmResources(
         partition=o.partition or slurm.partition,
         qos=o.qos or slurm.qos,
@@ -120,6 +122,8 @@ def _resolve(request: LaunchRequest, catalog: Catalog, settings: LaunchSettings)
         "dtype": model.dtype,
         "engine_args": model.engine_args,
     }
+    if model.distributed_executor_backend:
+        config["distributed_executor_backend"] = model.distributed_executor_backend
     if request.launcher == "slurm":
         config.update({k: v for k, v in vars(resources).items()})
     if planned is not None:

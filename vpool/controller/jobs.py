@@ -34,17 +34,31 @@ import httpx
 
 from vpool.catalog.catalog import Catalog
 from vpool.config import ControllerSettings, ModelSpec
+from vpool.controller import skypilot
 from vpool.controller.job_spec import JobSpec, resolve
+from vpool.controller.ray_jobs import (
+    RayError,
+    RayJobs,
+    check_options,
+    job_state,
+    resolve_address,
+    submission,
+)
+from vpool.controller.skypilot import SkyPilotError, SkyPilotJobs
 from vpool.controller.slurm import ScriptPart, Slurm, SlurmError, SlurmJob, render_script
 from vpool.controller.worker_metrics import WorkerMetrics, read_worker_metrics
 from vpool.errors import InvalidRequest, NotFound, VpoolError
 from vpool.launch import BatchLaunchRequest, LaunchRequest
-from vpool.registry.protocol import Registry
+from vpool.registry.protocol import Registry, RegistryUnavailable
 from vpool.registry.records import JobRecord, JobState, WorkerState
 
 log = logging.getLogger("vpool.jobs")
 
 WORKER_LOG = "worker.log"
+# `vpool shutdown` of a Ray or SkyPilot job: how long its worker is DRAINING before its load
+# is trusted to be final (gateways see the change on their next fleet refresh; the worker's
+# own drain waits as long).
+DRAIN_SETTLE_S = 2.0
 LOG_CHUNK_BYTES = 256 * 1024
 
 
@@ -69,6 +83,8 @@ def worker_argv(python: str, model: ModelSpec, controller_url: str, cache_dir: P
     argv += ["--pipeline-parallel-size", str(model.pipeline_parallel_size)]
     if model.max_model_len:
         argv += ["--max-model-len", str(model.max_model_len)]
+    if model.distributed_executor_backend:
+        argv += ["--distributed-executor-backend", model.distributed_executor_backend]
     for key, value in model.engine_args.items():
         argv += ["--engine-arg", f"{key}={_flag_value(value)}"]
     argv += [
@@ -94,6 +110,8 @@ class JobManager:
         catalog: Callable[[], Catalog],
         http: httpx.AsyncClient,
         slurm: Slurm | None = None,
+        ray: RayJobs | None = None,
+        sky: SkyPilotJobs | None = None,
     ) -> None:
         self._settings = settings
         self._launch = settings.launch
@@ -101,19 +119,29 @@ class JobManager:
         self._catalog = catalog
         self._http = http
         self._slurm = slurm or Slurm()
+        self._ray = ray or RayJobs()
+        self._sky = sky or SkyPilotJobs()
         self._local: dict[str, subprocess.Popen[bytes]] = {}
         self.owner = f"{socket.getfqdn()}:{settings.port}"
         self._lock = asyncio.Lock()  # one state change per job at a time
+        # Ray and SkyPilot jobs waiting for their worker to drain before they are stopped.
+        self._stopping: set[asyncio.Task[None]] = set()
 
     # launching
 
     async def launch(self, request: LaunchRequest) -> list[JobRecord]:
         """One job per replica of the model the request names."""
+        check_options(request)
+        skypilot.check_options(request)
         spec = resolve(request, self._catalog, self._launch)
         jobs: list[JobRecord] = []
-        for _ in range(spec.replicas):
+        for replica in range(spec.replicas):
             if request.launcher == "slurm":
                 jobs += await self._submit_slurm([spec])
+            elif request.launcher == "skypilot":
+                jobs.append(await self._launch_skypilot(spec, request, replica))
+            elif request.launcher == "ray":
+                jobs.append(await self._submit_ray(spec, resolve_address(request, self._launch, os.environ)))
             else:
                 jobs.append(await self._start_local(spec))
         return jobs
@@ -121,6 +149,7 @@ class JobManager:
     async def batch_launch(self, request: BatchLaunchRequest) -> list[JobRecord]:
         specs = []
         for item in request.models:
+            check_options(item)
             if item.launcher != "slurm":
                 raise InvalidRequest("A batch launch is one Slurm heterogeneous job: use the slurm launcher.")
             specs.append(resolve(item, self._catalog, self._launch))
@@ -171,6 +200,58 @@ class JobManager:
             config={**spec.config, "pid": process.pid},
             worker_ids=[worker_id],
             log_dir=str(job_dir),
+        )
+        return await self._save(job)
+
+    async def _submit_ray(self, spec: JobSpec, address: str) -> JobRecord:
+        """One Ray job running `vpool worker` where Ray finds the GPUs it asks for."""
+        job_id = f"ray-{uuid.uuid4().hex[:8]}"
+        worker_id = f"{spec.entry.name}-{job_id}"
+        argv = worker_argv(self._launch.python, spec.model, self._controller_url(), self._cache_dir())
+        job = submission(address, job_id, worker_id, argv, spec.model, spec.resources, self._launch)
+        try:
+            await self._ray.submit(job)
+        except RayError as exc:
+            raise LaunchFailed(str(exc)) from None
+        job_dir = self._job_dir(spec, job_id)
+        (job_dir / "launch.sh").write_text(job.script())
+        config = {**spec.config, "ray_address": address, "num_gpus": job.num_gpus, "num_cpus": job.num_cpus}
+        record = JobRecord(
+            job_id=job_id,
+            launcher="ray",
+            model=spec.entry.name,
+            state=JobState.PENDING,
+            config=config,
+            worker_ids=[worker_id],
+            log_dir=str(job_dir),
+        )
+        return await self._save(record)
+
+    async def _launch_skypilot(self, spec: JobSpec, request: LaunchRequest, replica: int) -> JobRecord:
+        """One SkyPilot cluster running the worker; `sky launch` goes on in the background."""
+        o = request.overrides
+        job_id = f"sky-{uuid.uuid4().hex[:8]}"
+        worker_id = f"{spec.entry.name}-{job_id}"
+        model = skypilot.model_on_vm(spec.model, spec.entry.model, o.accelerator or "", o.source)
+        argv = worker_argv("python", model, self._controller_url(), Path(skypilot.VM_CACHE_DIR))
+        task = skypilot.job_task(
+            job_id, worker_id, argv, o, replica, spec.replicas, self._launch.skypilot_install
+        )
+        job_dir = self._job_dir(spec, job_id)
+        try:
+            self._sky.launch(task, job_dir, self._settings.registration_token)
+        except SkyPilotError as exc:
+            raise LaunchFailed(str(exc)) from None
+        job = JobRecord(
+            job_id=job_id,
+            launcher="skypilot",
+            model=spec.entry.name,
+            state=JobState.PENDING,
+            reason="sky launch: provisioning",
+            config={**spec.config, "weights": model.model, **skypilot.task_config(task)},
+            worker_ids=[worker_id],
+            log_dir=str(job_dir),
+            cluster=task.name,
         )
         return await self._save(job)
 
@@ -232,6 +313,8 @@ class JobManager:
         job = await self._registry.get_job(job_id)
         if job is None:
             raise JobNotFound(job_id)
+        if job.cluster:
+            self._sky.forget_status(job.cluster)  # asked for: read SkyPilot's word afresh
         return await self.refresh(job)
 
     async def list_all(self) -> list[JobRecord]:
@@ -280,6 +363,17 @@ class JobManager:
             if code is None:
                 return JobState.LAUNCHING, None
             return JobState.FAILED, f"the worker exited with code {code}"
+        if job.launcher == "skypilot":
+            return await self._sky.view(job)
+        if job.launcher == "ray":
+            try:
+                view = await self._ray.info(job.config["ray_address"], job.job_id)
+            except RayError as exc:
+                log.warning("could not read job %s from Ray: %s", job.job_id, exc)
+                return job.state, job.reason  # unchanged until Ray answers again
+            if view is not None and view.ended:
+                await self._copy_ray_log(job)  # the reason quotes its last error
+            return job_state(view)
         try:
             found = await self._slurm.query([job.job_id])
         except SlurmError as exc:
@@ -317,6 +411,14 @@ class JobManager:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGTERM)
                 asyncio.get_running_loop().call_later(self._launch.shutdown_grace_s, _kill_group, process)
+        elif job.launcher in ("skypilot", "ray"):
+            # `sky down` takes the VM away and Ray's stop signals the engine's processes too:
+            # out of routing first, stopped once idle.
+            for worker_id in job.worker_ids:
+                await self._registry.set_state(worker_id, WorkerState.DRAINING, self._launch.shutdown_grace_s)
+            stopping = asyncio.create_task(self._stop_when_idle(job))
+            self._stopping.add(stopping)
+            stopping.add_done_callback(self._stopping.discard)
         else:
             try:
                 if job.state == JobState.PENDING:
@@ -326,6 +428,29 @@ class JobManager:
             except SlurmError as exc:
                 raise LaunchFailed(str(exc)) from None
         return job
+
+    async def _stop_when_idle(self, job: JobRecord) -> None:
+        """Stop a Ray job or a SkyPilot cluster once its worker, out of routing, runs nothing
+        (or the grace is up): neither lets the worker drain by itself."""
+        deadline = time.monotonic() + self._launch.shutdown_grace_s
+        await asyncio.sleep(DRAIN_SETTLE_S)
+        while time.monotonic() < deadline:
+            try:
+                records = {r.worker_id: r for r in await self._registry.list_workers()}
+            except RegistryUnavailable:
+                records = None  # unknown: wait on
+            if records is not None and all(
+                records[w].load.running + records[w].load.waiting == 0 for w in job.worker_ids if w in records
+            ):
+                break
+            await asyncio.sleep(0.5)
+        try:
+            if job.launcher == "skypilot":
+                self._sky.shutdown(job)
+            else:
+                await self._ray.stop(job.config["ray_address"], job.job_id)
+        except (RayError, SkyPilotError) as exc:
+            log.warning("could not stop job %s (`vpool shutdown` tries again): %s", job.job_id, exc)
 
     async def stop_local(self) -> None:
         """The controller stops: its local workers drain and exit with it."""
@@ -345,6 +470,8 @@ class JobManager:
         """The worker's log from `offset` (negative: that many bytes from the end), and the
         offset to read on from."""
         job = await self.get(job_id)
+        if job.launcher == "ray":
+            await self._copy_ray_log(job)
         path = Path(job.log_dir) / WORKER_LOG
         if not path.exists():
             return "", 0
@@ -360,6 +487,16 @@ class JobManager:
         if job.state != JobState.READY:
             raise InvalidRequest(f"Job {job_id} is {job.state.value}: metrics come once it is READY.")
         return list(await asyncio.gather(*(read_worker_metrics(self._http, url) for url in job.worker_urls)))
+
+    async def _copy_ray_log(self, job: JobRecord) -> None:
+        """Ray keeps a job's output on its head node: copy it into the job's worker.log."""
+        try:
+            text = await self._ray.logs(job.config["ray_address"], job.job_id)
+        except RayError as exc:
+            log.warning("could not read job %s's log from Ray: %s", job.job_id, exc)
+            return
+        with contextlib.suppress(OSError):
+            (Path(job.log_dir) / WORKER_LOG).write_text(text)
 
     async def _save(self, job: JobRecord) -> JobRecord:
         job.controller = job.controller or self.owner

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from vpool.config import ControllerSettings
 from vpool.controller.admin_auth import admin_guard
-from vpool.errors import InvalidRequest, NotFound, VpoolError
+from vpool.errors import InvalidRequest, NotFound, ServiceUnavailable
 from vpool.registry.keys import ApiKey, KeyStore, new_secret, with_secret
 from vpool.registry.protocol import RegistryUnavailable
 
@@ -73,9 +73,7 @@ class KeyList(BaseModel):
     data: list[PublicKey]
 
 
-class KeyStoreDown(VpoolError):
-    status_code = 503
-    error_type = "service_unavailable"
+class KeyStoreDown(ServiceUnavailable):
     default_code = "key_store_unavailable"
 
 

@@ -59,6 +59,22 @@ class GatewayHealth(BaseModel):
     models: dict[str, int] = Field(description="ready workers per model")
     retained_workers: int = Field(description="workers kept in routing after the registry lost them")
     last_refresh_age_s: float | None
+    keys: Literal["ok", "unavailable"] = Field(
+        "ok", description="unavailable: the key store is away; the keys last read keep working"
+    )
+    limits: Literal["shared", "local", "degraded"] = Field(
+        "local",
+        description="shared: enforced across gateways through Redis; local: one gateway, no Redis;"
+        " degraded: Redis away, each gateway enforcing its share of every limit",
+    )
+    gateways_sharing_limits: int = Field(1, description="gateways alive when the limits were last shared")
+    usage: Literal["ok", "unavailable"] = Field(
+        "ok", description="unavailable: usage is counted here until the store is back"
+    )
+    waiting: dict[str, int] = Field(
+        default_factory=dict,
+        description="requests waiting for a fair share, per model whose every worker is full",
+    )
 
 
 # --- data route requests ----------------------------------------------------------------

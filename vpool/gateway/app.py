@@ -116,15 +116,23 @@ def create_app(
     @app.get("/health", tags=["operations"])
     async def health(request: Request) -> GatewayHealth:
         """Whether the gateway routes on a fleet the registry confirms, and what is ready."""
-        fleet = _state(request).fleet
+        state = _state(request)
+        fleet = state.fleet
+        stores_ok = state.keys.store_ok and state.meter.store_ok and state.limiter.mode != "degraded"
         return GatewayHealth(
             # Degraded: routing on a snapshot the registry does not (or cannot) confirm,
-            # because it is away or lost workers that have not registered again yet.
-            status="ok" if fleet.registry_ok and not fleet.retained else "degraded",
+            # because it is away or lost workers that have not registered again yet; or keys,
+            # limits or usage working from this gateway's own copy while their store is away.
+            status="ok" if fleet.registry_ok and not fleet.retained and stores_ok else "degraded",
             registry="ok" if fleet.registry_ok else "unavailable",
             models={name: fleet.ready_count(name) for name in fleet.ready_models()},
             retained_workers=len(fleet.retained),
             last_refresh_age_s=round(time.time() - fleet.last_refresh, 3) if fleet.last_refresh else None,
+            keys="ok" if state.keys.store_ok else "unavailable",
+            limits=state.limiter.mode,
+            gateways_sharing_limits=state.limiter.gateways_alive,
+            usage="ok" if state.meter.store_ok else "unavailable",
+            waiting=state.fair_share.waiting_per_model(),
         )
 
     @app.get(
@@ -141,9 +149,13 @@ def create_app(
         m.inflight.set(sum(fleet.inflight.values()))
         m.ejected_workers.set(len(fleet.ejector.ejected()))
         m.retained_workers.set(len(fleet.retained))
+        m.waiting.clear()
+        for name, waiting in state.fair_share.waiting_per_model().items():
+            m.waiting.labels(name).set(waiting)
         m.ready_workers.clear()
         for name in fleet.ready_models():
             m.ready_workers.labels(name).set(fleet.ready_count(name))
+        m.listed_workers([*fleet.records, *fleet.retained])
         return Response(m.render(), media_type=PROMETHEUS_CONTENT_TYPE)
 
     install_docs(app)

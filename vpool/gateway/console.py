@@ -62,6 +62,11 @@ class ConsoleWorker(BaseModel):
     running: int
     waiting: int
     kv_cache_usage: float = Field(description="0 to 1")
+    prefix_cache_queries: int = Field(0, description="prompt tokens its engine looked up in its prefix cache")
+    prefix_cache_hits: int = Field(0, description="of those, tokens found cached")
+    prefix_cache_hit_rate: float | None = Field(
+        None, description="hits / queries since its engine started, 0 to 1; None: it reports no lookups"
+    )
     inflight: int = Field(description="this gateway's requests in flight on it")
     last_heartbeat_age_s: float
     retained: bool = Field(False, description="kept in routing after the registry lost it in an outage")
@@ -165,20 +170,28 @@ def _job(job: JobRecord) -> ConsoleJob:
 def _worker(
     record: WorkerRecord, now: float, inflight: int, retained: bool, ejected: set[str]
 ) -> ConsoleWorker:
+    load = record.load
     return ConsoleWorker(
         worker_id=record.worker_id,
         models=list(record.models),
         state=record.state,
         kind=record.kind,
         runner=record.runner,
-        running=record.load.running,
-        waiting=record.load.waiting,
-        kv_cache_usage=record.load.kv_cache_usage,
+        running=load.running,
+        waiting=load.waiting,
+        kv_cache_usage=load.kv_cache_usage,
+        prefix_cache_queries=load.prefix_cache_queries,
+        prefix_cache_hits=load.prefix_cache_hits,
+        prefix_cache_hit_rate=_hit_rate(load.prefix_cache_hits, load.prefix_cache_queries),
         inflight=inflight,
         last_heartbeat_age_s=round(max(0.0, now - record.last_heartbeat), 3),
         retained=retained,
         ejected=record.worker_id in ejected,
     )
+
+
+def _hit_rate(hits: int, queries: int) -> float | None:
+    return round(min(hits, queries) / queries, 4) if queries > 0 else None
 
 
 def _models(state: GatewayState, records: list[WorkerRecord]) -> list[ConsoleModel]:

@@ -2,10 +2,12 @@
 
 A request here costs one pass over its headers, one read of its body, one JSON parse and a
 dict lookup: no FastAPI request object, dependency solving or response class. In order:
-method → key → body (read once, bounded) → `model` checked → worker chosen → original bytes
-forwarded → answer relayed (vpool/gateway/proxy.py, vpool/gateway/responder.py). Anything
-else goes on to the FastAPI app this middleware wraps; `/openapi.json` documents these
-routes all the same (vpool/gateway/docs.py).
+method → key → body (read once, bounded) → `model` checked → the key's limits charged
+(vpool/gateway/metering.py) → its turn, if the model is full (vpool/gateway/fair_share.py)
+→ worker chosen → original bytes forwarded → answer relayed
+(vpool/gateway/proxy.py, vpool/gateway/responder.py). Anything else goes on to the FastAPI
+app this middleware wraps; `/openapi.json` documents these routes all the same
+(vpool/gateway/docs.py).
 
 Follow-ups on a stored response (`/v1/responses/{id}` and below it, any method) go to the
 worker holding it (vpool/gateway/response_owners.py), as does a new response that names it
@@ -21,9 +23,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from vpool.auth import duplicate_authorization
 from vpool.errors import InvalidRequest, NotFound, RequestTooLarge, VpoolError, error_body
+from vpool.gateway.metering import CLIENT_LEFT, Charge
 from vpool.gateway.request_body import OpenAIRequest, parse_openai_request
 from vpool.gateway.responder import AsgiResponder, send_whole
 from vpool.gateway.state import GatewayState
+from vpool.gateway.usage_reading import Usage
+from vpool.registry.keys import ApiKey
 
 # Path → the route's label in metrics. Every one is a POST whose body names a `model`.
 MODEL_ROUTES: dict[str, str] = {
@@ -44,6 +49,8 @@ MODEL_ROUTES: dict[str, str] = {
     "/v2/rerank": "rerank",
     "/v2/embed": "embed",
 }
+# Routes that take no place in an engine's batch, so never wait for a fair share.
+UNQUEUED_ROUTES = frozenset({"tokenize", "detokenize", "count_tokens"})
 log = logging.getLogger("vpool.gateway")
 
 RESPONSES_PREFIX = "/v1/responses/"
@@ -123,8 +130,35 @@ async def _route(
         if request.previous_response_id is not None:
             holder = await gateway.holder_of(request.previous_response_id, request.model)
     gateway.keys.require_model(key, request.model)
-    gateway.proxy.forward(route, scope["method"].encode(), _target(scope), request, responder, holder)
+    request, charge = await gateway.accounts.open(key, request, route)
+    if holder is None and route not in UNQUEUED_ROUTES:
+        turn = gateway.fair_share.take(request.model, key)
+        if turn is not None:
+            charge.turn = turn
+        elif not await _wait_turn(gateway, route, key, request.model, charge, receive):
+            return  # the client left while it waited
+    gateway.proxy.forward(route, scope["method"].encode(), _target(scope), request, responder, holder, charge)
     await responder.run(receive)
+
+
+async def _wait_turn(
+    gateway: GatewayState, route: str, key: ApiKey | None, model: str, charge: Charge, receive: Receive
+) -> bool:
+    """Wait for the model's fair share to let this request out (it is full); False if the
+    client left meanwhile. A request refused or left here is settled as such."""
+    started = gateway.loop.time()
+    try:
+        turn = await gateway.fair_share.wait(model, key, receive)
+    except VpoolError as exc:
+        charge.settle(model, exc.status_code)
+        raise
+    if turn is None:
+        charge.usage = Usage()
+        charge.settle(model, CLIENT_LEFT)
+        gateway.metrics.answered(route, model, CLIENT_LEFT, gateway.loop.time() - started)
+        return False
+    charge.turn = turn
+    return True
 
 
 def _read_headers(headers: list[tuple[bytes, bytes]]) -> tuple[str | None, int | None, bool]:

@@ -9,11 +9,13 @@ and its `labels()` builds a key per call, a measurable share of a request that c
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from vpool.registry.records import WorkerRecord
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -53,12 +55,21 @@ class GatewayMetrics(Collector):
         self._requests: dict[tuple[str, str, str], int] = {}
         self._upstream_errors: dict[str, int] = {}
         self._retries: dict[str, int] = {}
+        self._tokens: dict[tuple[str, str, str], int] = {}  # (key name, model, kind)
+        # (worker id, its primary model) → its engine's prefix-cache (queried, hit) tokens.
+        self._prefix_cache: dict[tuple[str, str], tuple[int, int]] = {}
         self.ejections = 0
         self.client_disconnects = 0
         self._duration = _Histograms()
         self._first_byte = _Histograms()
         r.register(self)
         self.inflight = Gauge("vpool_inflight_requests", "Requests being proxied now.", registry=r)
+        self.waiting = Gauge(
+            "vpool_waiting_requests",
+            "Requests waiting for a fair share of a model whose every worker is full.",
+            ["model"],
+            registry=r,
+        )
         self.ready_workers = Gauge("vpool_ready_workers", "Ready workers per model.", ["model"], registry=r)
         self.registry_up = Gauge(
             "vpool_registry_up", "1 when the registry answered the last refresh.", registry=r
@@ -89,6 +100,12 @@ class GatewayMetrics(Collector):
     def retried(self, reason: str) -> None:
         self._retries[reason] = self._retries.get(reason, 0) + 1
 
+    def tokens(self, key_name: str, model: str, prompt: int, completion: int) -> None:
+        for kind, count in (("prompt", prompt), ("completion", completion)):
+            if count:
+                labels = (key_name, model, kind)
+                self._tokens[labels] = self._tokens.get(labels, 0) + count
+
     def ejected(self) -> None:
         self.ejections += 1
 
@@ -96,6 +113,15 @@ class GatewayMetrics(Collector):
         self.client_disconnects += 1
 
     # scrape time
+
+    def listed_workers(self, records: Iterable[WorkerRecord]) -> None:
+        """Take the workers' own counters from their last heartbeats, replacing the last set:
+        a worker that left the registry leaves the metrics with it."""
+        self._prefix_cache = {
+            (r.worker_id, r.models[0]): (r.load.prefix_cache_queries, r.load.prefix_cache_hits)
+            for r in records
+            if r.kind == "vpool"  # an external server's heartbeats come from the controller
+        }
 
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(
@@ -126,6 +152,31 @@ class GatewayMetrics(Collector):
             "vpool_client_disconnects", "Clients that left before their answer ended.",
             value=self.client_disconnects,
         )  # fmt: skip
+        tokens = CounterMetricFamily(
+            "vpool_tokens", "Tokens the workers counted, by key name (never its secret), model and kind.",
+            labels=["key", "model", "kind"],
+        )  # fmt: skip
+        for labels, count in self._tokens.items():
+            tokens.add_metric(list(labels), count)
+        yield tokens
+        # Counters, not a hit-rate gauge: every gateway replica renders the same values (the
+        # registry's), so Prometheus takes a rate over any window and `max by (worker)` drops
+        # the duplicates; a restarted worker starts again from 0, which `rate` takes as a reset.
+        queried = CounterMetricFamily(
+            "vpool_worker_prefix_cache_query_tokens",
+            "Prompt tokens each worker's engine looked up in its prefix cache (vllm:prefix_cache_queries).",
+            labels=["worker", "model"],
+        )
+        hit = CounterMetricFamily(
+            "vpool_worker_prefix_cache_hit_tokens",
+            "Of those, tokens found cached (vllm:prefix_cache_hits): hit / query is the hit rate.",
+            labels=["worker", "model"],
+        )
+        for (worker_id, model), (queries, hits) in self._prefix_cache.items():
+            queried.add_metric([worker_id, model], queries)
+            hit.add_metric([worker_id, model], hits)
+        yield queried
+        yield hit
         yield self._duration.family(
             "vpool_request_duration_seconds", "Time from request to last byte.", ["route", "model"]
         )

@@ -43,11 +43,13 @@ from vpool.config import Settings
 from vpool.errors import UpstreamError, UpstreamTimeout, VpoolError, ensure_openai_error_body
 from vpool.gateway.ejection import Ejector
 from vpool.gateway.fleet import Fleet
+from vpool.gateway.metering import Charge
 from vpool.gateway.metrics import GatewayMetrics
 from vpool.gateway.request_body import OpenAIRequest
 from vpool.gateway.response_owners import ResponseOwners
 from vpool.gateway.sse import error_event
 from vpool.gateway.upstream import Origin, UpstreamConnection, UpstreamPool
+from vpool.gateway.usage_reading import usage_in
 from vpool.registry.records import WorkerRecord
 
 log = logging.getLogger("vpool.gateway")
@@ -166,10 +168,12 @@ class Proxy:
         request: OpenAIRequest,
         client: Client,
         pinned: WorkerRecord | None = None,
+        charge: Charge | None = None,
     ) -> None:
         """Send `method target` with the request's body to a worker of its model (to
-        `pinned` alone, if given) and relay the answer to `client`."""
-        Exchange(self, route, method, target, request, client, pinned).start()
+        `pinned` alone, if given) and relay the answer to `client`; `charge` learns the
+        tokens the worker reports and is settled at the end."""
+        Exchange(self, route, method, target, request, client, pinned, charge).start()
 
     def origin(self, url: str) -> Origin:
         origin = self._origins.get(url)
@@ -191,10 +195,10 @@ class Exchange:
     """One client request, sent to one worker at a time, its answer relayed back."""
 
     __slots__ = (
-        "_attempts", "_buffer", "_client", "_conn", "_connecting", "_ended_cleanly", "_finished",
-        "_last_activity", "_learn_owner", "_method", "_origin", "_paused", "_pinned", "_proxy", "_request",
-        "_retry_timer", "_route", "_started", "_status", "_stream", "_target", "_timeouts", "_tried",
-        "_worker", "_worker_header",
+        "_attempts", "_buffer", "_charge", "_client", "_conn", "_connecting", "_ended_cleanly", "_finished",
+        "_key", "_last_activity", "_learn_owner", "_method", "_origin", "_paused", "_pinned", "_proxy",
+        "_request", "_retry_timer", "_route", "_started", "_status", "_stream", "_target", "_timeouts",
+        "_tried", "_worker", "_worker_headers",
     )  # fmt: skip
 
     def __init__(
@@ -206,6 +210,7 @@ class Exchange:
         request: OpenAIRequest,
         client: Client,
         pinned: WorkerRecord | None = None,
+        charge: Charge | None = None,
     ) -> None:
         self._proxy = proxy
         self._route = route
@@ -214,14 +219,19 @@ class Exchange:
         self._request = request
         self._client = client
         self._pinned = pinned
+        self._charge = charge
         # A new stored response: note which worker holds it (see response_owners.py).
         self._learn_owner = route == "responses" and method == b"POST"
         self._timeouts = proxy.model_timeouts.get(request.model, proxy.timeouts)
         self._started = monotonic()
         self._tried: set[str] | None = None  # workers that failed this request; made on the first
+        self._key: int | None = None  # its prefix key, for a policy that routes by one
         self._attempts = 0
         self._worker: WorkerRecord | None = None
-        self._worker_header = b""
+        # x-vpool-worker, then the limits' x-ratelimit-* (on every answer, errors too)
+        self._worker_headers: list[tuple[bytes, bytes]] = [(b"x-vpool-worker", b"")]
+        if charge is not None and charge.grant is not None:
+            self._worker_headers += charge.grant.headers
         self._origin: Origin | None = None
         self._conn: UpstreamConnection | None = None
         self._connecting: asyncio.Task[None] | None = None
@@ -241,8 +251,11 @@ class Exchange:
         self._proxy.active.add(self)
         worker = self._pinned
         if worker is None:
+            fleet = self._proxy.fleet
+            if fleet.keyed:
+                self._key = fleet.routing_key(self._route, self._request)
             try:
-                worker = self._proxy.fleet.choose(self._request.model)
+                worker = fleet.choose(self._request.model, key=self._key)
             except VpoolError as exc:
                 self._fail(exc)
                 return
@@ -252,9 +265,9 @@ class Exchange:
 
     def _use(self, worker: WorkerRecord) -> None:
         self._worker = worker
-        self._worker_header = worker.worker_id.encode()
+        self._worker_headers[0] = (b"x-vpool-worker", worker.worker_id.encode())
         self._origin = self._proxy.origin(worker.url)
-        self._proxy.fleet.inflight[worker.worker_id] += 1
+        self._proxy.fleet.took(worker.worker_id)
 
     def _release_worker(self) -> None:
         if self._worker is not None:
@@ -318,7 +331,7 @@ class Exchange:
         tried.add(worker.worker_id)
         if self._attempts < proxy.max_attempts and self._pinned is None:
             try:
-                following = proxy.fleet.choose(self._request.model, tried)
+                following = proxy.fleet.choose(self._request.model, tried, self._key)
             except VpoolError:
                 following = None  # no other ready worker: the client gets this failure
             if following is not None:
@@ -336,7 +349,8 @@ class Exchange:
             self._fail(failure)
         else:
             body = ensure_openai_error_body(failure.status, failure.body) or failure.body
-            self._client.respond(failure.status, body, headers=[(b"x-vpool-worker", failure.worker_header)])
+            headers = [(b"x-vpool-worker", failure.worker_header), *self._worker_headers[1:]]
+            self._client.respond(failure.status, body, headers=headers)
             self._finish(failure.status)
 
     # the worker's answer (UpstreamConnection callbacks)
@@ -350,9 +364,7 @@ class Exchange:
         self._proxy.metrics.first_byte(self._route, self._request.model, now - self._started)
         if status < 400 and headers.get(b"content-type", b"").startswith(EVENT_STREAM):
             self._stream = True  # the head goes out now: never a retry after this
-            self._client.start_stream(
-                status, headers[b"content-type"], [SSE_HEADERS, (b"x-vpool-worker", self._worker_header)]
-            )
+            self._client.start_stream(status, headers[b"content-type"], [SSE_HEADERS, *self._worker_headers])
 
     def on_body(self, data: bytes) -> None:
         self._last_activity = monotonic()
@@ -360,6 +372,9 @@ class Exchange:
             self._ended_cleanly = data.endswith(b"\n\n")
             if self._learn_owner:
                 self._learn_from_stream(data)
+            charge = self._charge
+            if charge is not None and charge.stream is not None:
+                data = charge.stream.feed(data)
             self._client.write_chunk(data)
         else:
             self._buffer.append(data)
@@ -373,6 +388,7 @@ class Exchange:
         if self._stream:
             if worker is not None:
                 self._proxy.ejector.succeeded(worker.worker_id)
+            self._write_held()
             self._client.end_stream()
             self._finish(status)
             return
@@ -382,9 +398,11 @@ class Exchange:
             retried_kind = _RETRIED_STATUS_KINDS.get(status)
             if retried_kind is not None:
                 self._proxy.metrics.upstream_error(retried_kind)
-                self._attempt_failed(retried_kind, _WorkerAnswer(status, body, self._worker_header))
+                self._attempt_failed(retried_kind, _WorkerAnswer(status, body, self._worker_headers[0][1]))
                 return
             body = ensure_openai_error_body(status, body) or body
+        elif self._charge is not None:
+            self._charge.usage = usage_in(body)
         if worker is not None:
             if status >= 500:
                 self._worker_failed()
@@ -392,7 +410,7 @@ class Exchange:
                 self._proxy.ejector.succeeded(worker.worker_id)
                 if self._learn_owner and status == 200:
                     self._proxy.response_owners.learn_from_body(body, worker.worker_id)
-        self._client.respond(status, body, headers=[(b"x-vpool-worker", self._worker_header)])
+        self._client.respond(status, body, headers=self._worker_headers)
         self._finish(status)
 
     def _learn_from_stream(self, data: bytes) -> None:
@@ -488,6 +506,7 @@ class Exchange:
         self._proxy.metrics.upstream_error(code)
         self._worker_failed()
         if self._stream:
+            self._write_held()
             prefix = b"" if self._ended_cleanly else b"\n\n"
             self._client.write_chunk(prefix + error_event(message, code=code))
             self._client.end_stream()
@@ -505,8 +524,13 @@ class Exchange:
             self._client.close()
         else:
             headers = [(k.encode(), v.encode()) for k, v in exc.headers.items()]
-            self._client.respond(exc.status_code, exc.json(), headers=headers)
+            self._client.respond(exc.status_code, exc.json(), headers=headers + self._worker_headers[1:])
         self._finish(exc.status_code)
+
+    def _write_held(self) -> None:
+        """What the usage reader holds of an event not yet whole, at the stream's end."""
+        if self._charge is not None and self._charge.stream is not None:
+            self._client.write_chunk(self._charge.stream.rest())
 
     def _abort_upstream(self) -> None:
         if self._retry_timer is not None:
@@ -530,3 +554,5 @@ class Exchange:
         # Only a model some worker serves becomes a label: clients cannot grow the series.
         model = self._request.model if self._attempts else "-"
         self._proxy.metrics.answered(self._route, model, status, elapsed)
+        if self._charge is not None:
+            self._charge.settle(model, status)

@@ -234,6 +234,7 @@ async def status_of(
     """
     conn: UpstreamConnection | None = None
     sink = _StatusSink()
+    answered = False
     try:
         async with asyncio.timeout(timeout_s):
             conn = await pool.connect(origin, timeout_s)
@@ -243,9 +244,13 @@ async def status_of(
                 sink,
             )
             status = await sink.done
+            answered = True
     except (OSError, TimeoutError):
-        if conn is not None:
-            conn.abort()
         return None
+    finally:
+        # A lookup cancelled because another worker answered first (response_owners.py)
+        # must not leave its connection open behind it.
+        if conn is not None and not answered:
+            conn.abort()
     pool.release(origin, conn)
     return status

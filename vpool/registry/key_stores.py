@@ -3,26 +3,37 @@ SQLite (`vpool up`: one file that outlives the process).
 
 Redis layout, under the registry's prefix: `P:keys` (hash: key id -> the record as JSON),
 `P:keys:used` (hash: key id -> when last used; written in batches, apart from the records so
-that a use never overwrites an edit) and `P:keys:version` (a counter). Keys need a Redis that
-keeps its data: AOF or RDB persistence (see the README).
+that a use never overwrites an edit) and `P:keys:version` (a counter); usage beside them
+(vpool/registry/usage.py). Keys and usage need a Redis that keeps its data: AOF or RDB
+persistence (see the README).
 """
 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import sqlite3
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
 
 from vpool.config import GatewaySettings, KeyConfig, Settings
 from vpool.registry.keys import ApiKey, KeyStore, with_secret
 from vpool.registry.protocol import RegistryUnavailable
+from vpool.registry.redis_client import bounded, redis_client
+from vpool.registry.usage import (
+    SQLITE_SCHEMA,
+    UsageBatch,
+    UsageQuery,
+    UsageRow,
+    from_redis_fields,
+    redis_fields,
+    rows,
+    sqlite_add,
+    sqlite_read,
+)
 
 
 class RedisKeyStore:
@@ -32,6 +43,7 @@ class RedisKeyStore:
         self._records = f"{key_prefix}:keys"
         self._used = f"{key_prefix}:keys:used"
         self._version = f"{key_prefix}:keys:version"
+        self._usage = f"{key_prefix}:usage"
 
     async def put(self, key: ApiKey) -> None:
         async with self._bounded("put"):
@@ -64,16 +76,33 @@ class RedisKeyStore:
             async with self._bounded("touch"):
                 await self._client.hset(self._used, mapping={k: repr(v) for k, v in last_used.items()})
 
+    async def add_usage(self, batch: UsageBatch) -> None:
+        async with self._bounded("add_usage"):
+            pipe = self._client.pipeline(transaction=True)
+            for hour, fields in redis_fields(batch).items():
+                for name, value in fields.items():
+                    pipe.hincrby(f"{self._usage}:{hour}", name, value)
+                pipe.zadd(f"{self._usage}:hours", {str(hour): hour})
+            await pipe.execute()
+
+    async def usage(self, query: UsageQuery) -> builtins.list[UsageRow]:
+        low, high = query.hours()
+        async with self._bounded("usage"):
+            hours = [int(str(h)) for h in await self._client.zrangebyscore(f"{self._usage}:hours", low, high)]
+            pipe = self._client.pipeline(transaction=False)
+            for hour in hours:
+                pipe.hgetall(f"{self._usage}:{hour}")
+            replies = await pipe.execute() if hours else []
+        found = {}
+        for hour, fields in zip(hours, replies, strict=True):
+            found.update(from_redis_fields(hour, fields))
+        return rows(found, query)
+
     async def close(self) -> None:
         await self._client.aclose()
 
-    @contextlib.asynccontextmanager
-    async def _bounded(self, operation: str) -> AsyncIterator[None]:
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                yield
-        except (TimeoutError, RedisError, OSError) as exc:
-            raise RegistryUnavailable(f"the key store (Redis) failed during {operation}: {exc!r}") from exc
+    def _bounded(self, operation: str) -> contextlib.AbstractAsyncContextManager[None]:
+        return bounded("the key store (Redis)", operation, self._timeout_s)
 
 
 def _decode(raw: str | bytes | None, used: str | bytes | None) -> ApiKey | None:
@@ -107,7 +136,7 @@ class SqliteKeyStore:
             "CREATE TABLE IF NOT EXISTS keys (key_id TEXT PRIMARY KEY, record TEXT NOT NULL,"
             " last_used_at REAL);"
             "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);"
-            "INSERT OR IGNORE INTO meta VALUES ('version', 0);"
+            "INSERT OR IGNORE INTO meta VALUES ('version', 0);" + SQLITE_SCHEMA
         )
 
     async def put(self, key: ApiKey) -> None:
@@ -146,6 +175,15 @@ class SqliteKeyStore:
                     [(t, k) for k, t in last_used.items()],
                 )
 
+    async def add_usage(self, batch: UsageBatch) -> None:
+        with _sqlite_errors("add_usage"), self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            sqlite_add(self._db, batch)
+
+    async def usage(self, query: UsageQuery) -> builtins.list[UsageRow]:
+        with _sqlite_errors("usage"):
+            return rows(sqlite_read(self._db, query), query)
+
     async def close(self) -> None:
         self._db.close()
 
@@ -155,13 +193,7 @@ def open_key_store(settings: Settings) -> KeyStore:
     registry = settings.registry
     if registry.url.startswith("memory://"):
         return SqliteKeyStore(registry.keys_file or settings.cache_dir / "keys.sqlite3")
-    client = Redis.from_url(
-        registry.url,
-        socket_timeout=registry.timeout_s,
-        socket_connect_timeout=registry.timeout_s,
-        retry=Retry(NoBackoff(), 0),
-        decode_responses=True,
-    )
+    client = redis_client(registry.url, registry.timeout_s)
     return RedisKeyStore(client, registry.key_prefix, registry.timeout_s)
 
 

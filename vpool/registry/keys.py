@@ -10,6 +10,7 @@ and re-reads the keys only when it moved.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import secrets
 import time
@@ -18,8 +19,12 @@ from typing import Protocol
 
 from pydantic import BaseModel, Field
 
+from vpool.registry.usage import UsageBatch, UsageQuery, UsageRow
+
 SECRET_PREFIX = "vp-"
 SHOWN_CHARS = 8  # of the secret after its prefix, kept to recognise it by
+# What requests to a gateway that needs no key count under, in usage and fair-share queues.
+OPEN_KEY_ID = "-"
 
 
 class ApiKey(BaseModel):
@@ -51,6 +56,11 @@ class ApiKey(BaseModel):
         return self.model_dump(exclude={"secret_hash"})
 
 
+def key_id_of(key: ApiKey | None) -> str:
+    """The key's id, or OPEN_KEY_ID for a request made without one."""
+    return key.key_id if key is not None else OPEN_KEY_ID
+
+
 def new_secret() -> str:
     return SECRET_PREFIX + secrets.token_urlsafe(24)
 
@@ -66,7 +76,8 @@ def with_secret(key: ApiKey, secret: str) -> ApiKey:
 
 
 class KeyStore(Protocol):
-    """Durable keys. Every method raises `RegistryUnavailable` when the store cannot answer."""
+    """Durable keys and their usage. Every method raises `RegistryUnavailable` when the store
+    cannot answer."""
 
     async def put(self, key: ApiKey) -> None:
         """Create or replace `key` and move the version on."""
@@ -83,5 +94,11 @@ class KeyStore(Protocol):
     async def touch(self, last_used: dict[str, float]) -> None:
         """Record when keys were last used (batched; not a change of version)."""
         ...
+
+    async def add_usage(self, batch: UsageBatch) -> None:
+        """Add a gateway's counts per key, model and hour (vpool/registry/usage.py)."""
+        ...
+
+    async def usage(self, query: UsageQuery) -> builtins.list[UsageRow]: ...
 
     async def close(self) -> None: ...

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from vpool.registry.records import JobRecord, WorkerLoad, WorkerRecord, WorkerState
+from vpool.registry.records import GatewayRecord, JobRecord, WorkerLoad, WorkerRecord, WorkerState
 
 
 class MemoryRegistry:
@@ -20,6 +20,7 @@ class MemoryRegistry:
     def __init__(self) -> None:
         self._entries: dict[str, tuple[WorkerRecord, float]] = {}
         self._jobs: dict[str, JobRecord] = {}
+        self._gateways: dict[str, tuple[GatewayRecord, float]] = {}  # url → (record, expiry)
 
     async def put(self, record: WorkerRecord, ttl_s: float) -> None:
         """Insert or replace a record, alive for `ttl_s` seconds."""
@@ -58,6 +59,18 @@ class MemoryRegistry:
         for worker_id in expired:
             del self._entries[worker_id]
         return [record.model_copy(deep=True) for record, _ in self._entries.values()]
+
+    async def announce_gateway(self, url: str, ttl_s: float) -> None:
+        self._gateways[url] = (GatewayRecord(url=url), _expiry(ttl_s))
+
+    async def withdraw_gateway(self, url: str) -> None:
+        self._gateways.pop(url, None)
+
+    async def list_gateways(self) -> list[GatewayRecord]:
+        now = time.monotonic()
+        for url in [url for url, (_, expires) in self._gateways.items() if expires <= now]:
+            del self._gateways[url]
+        return [self._gateways[url][0].model_copy() for url in sorted(self._gateways)]
 
     async def put_job(self, job: JobRecord) -> None:
         self._jobs[job.job_id] = job.model_copy(deep=True)

@@ -17,7 +17,7 @@ from collections.abc import Awaitable
 from typing import Protocol, TypeVar
 
 from vpool.config import RegistrySettings
-from vpool.registry.records import JobRecord, WorkerLoad, WorkerRecord, WorkerState
+from vpool.registry.records import GatewayRecord, JobRecord, WorkerLoad, WorkerRecord, WorkerState
 
 log = logging.getLogger("vpool.registry")
 T = TypeVar("T")
@@ -83,6 +83,20 @@ class Registry(Protocol):
 
     async def list_workers(self) -> list[WorkerRecord]:
         """Every live record, in no particular order."""
+        ...
+
+    # Gateways: announced for discovery only (routing never reads them), alive for a TTL.
+
+    async def announce_gateway(self, url: str, ttl_s: float) -> None:
+        """Say the gateway at `url` is serving, for `ttl_s` seconds from now."""
+        ...
+
+    async def withdraw_gateway(self, url: str) -> None:
+        """The gateway at `url` is stopping: forget it now, not when its TTL runs out."""
+        ...
+
+    async def list_gateways(self) -> list[GatewayRecord]:
+        """Every gateway whose announcement is still alive, ordered by URL."""
         ...
 
     # Jobs: durable records of launches, kept until removed (no TTL).

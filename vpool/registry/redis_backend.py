@@ -10,14 +10,22 @@ This is the only module that knows the key layout. With `prefix` the configured
         load                 the WorkerLoad as JSON
         last_heartbeat       Unix time in seconds, as a float
 
+    {prefix}:announced-gateways       SET of gateway URLs: the index `list_gateways` walks
+    {prefix}:announced-gateway:{url}  STRING, the GatewayRecord as JSON, PEXPIRE = the TTL the
+                             gateway announces with (vpool/gateway/announce.py: three
+                             announcement intervals); nothing routes on it, Prometheus
+                             discovery reads it. (Not `{prefix}:gateways`: the limits' sorted
+                             set of live gateways, vpool/gateway/limits.py, has that name.)
+
     {prefix}:jobs            HASH job id → the JobRecord as JSON (durable: no TTL; give
                              Redis persistence to keep jobs across its restarts)
 
 Liveness is the hash's TTL: a worker that stops heartbeating loses its hash and nothing else
 has to notice. Its id stays in the index until the next `list_workers` finds the hash gone
-and removes it. `put` writes the whole hash in one MULTI/EXEC; `heartbeat` and `set_state`
-are Lua scripts that touch the hash only if it still exists, so a late heartbeat cannot
-bring back a half-record of a worker that has expired or been removed.
+and removes it; a gateway's announcement expires and is pruned the same way. `put` writes
+the whole hash in one MULTI/EXEC; `heartbeat` and `set_state` are Lua scripts that touch the
+hash only if it still exists, so a late heartbeat cannot bring back a half-record of a worker
+that has expired or been removed.
 
 Every call is bounded by `timeout_s`, whole: socket connect and read timeouts, no retries, and
 one deadline around the call (a Lua script may take two round trips, a frozen Redis accepts
@@ -32,24 +40,19 @@ one failed call, not one per pooled connection.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import ValidationError
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 
-from vpool.registry.protocol import RegistryUnavailable
-from vpool.registry.records import JobRecord, WorkerLoad, WorkerRecord, WorkerState
+from vpool.registry.records import GatewayRecord, JobRecord, WorkerLoad, WorkerRecord, WorkerState
+from vpool.registry.redis_client import bounded, redis_client
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +75,9 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return redis.call('HGETALL', KEYS[1])
 """
 
-# KEYS[1] index, KEYS[2..] worker hashes; ARGV the matching ids. Checking again here keeps a
-# worker that re-registered since `list_workers` read its hash from being dropped from the index.
+# KEYS[1] index, KEYS[2..] worker hashes (or gateway keys); ARGV the matching ids (or URLs).
+# Checking again here keeps a worker that re-registered (a gateway that announced again) since
+# the listing read its key from being dropped from the index.
 _PRUNE_LUA = """
 for i = 2, #KEYS do
   if redis.call('EXISTS', KEYS[i]) == 0 then redis.call('SREM', KEYS[1], ARGV[i - 1]) end
@@ -91,6 +95,7 @@ class RedisRegistry:
         self._prefix = key_prefix
         self._index = f"{key_prefix}:workers"
         self._jobs = f"{key_prefix}:jobs"
+        self._gateways = f"{key_prefix}:announced-gateways"
         self._where = _describe(client)
         self._heartbeat = client.register_script(_HEARTBEAT_LUA)
         self._set_state = client.register_script(_SET_STATE_LUA)
@@ -99,15 +104,7 @@ class RedisRegistry:
     @classmethod
     def from_url(cls, url: str, *, key_prefix: str, timeout_s: float) -> RedisRegistry:
         """A registry with its own client; every Redis call is bounded by `timeout_s`."""
-        client = Redis.from_url(
-            url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            # No retry (redis-py retries three times by default): see the module docstring.
-            retry=Retry(NoBackoff(), 0),
-            decode_responses=True,
-        )
-        return cls(client, key_prefix=key_prefix, timeout_s=timeout_s)
+        return cls(redis_client(url, timeout_s), key_prefix=key_prefix, timeout_s=timeout_s)
 
     async def put(self, record: WorkerRecord, ttl_s: float) -> None:
         """Insert or replace a record, alive for `ttl_s` seconds."""
@@ -163,6 +160,34 @@ class RedisRegistry:
         records = (_decode(wid, fields) for wid, fields in zip(ids, replies, strict=True) if fields)
         return [record for record in records if record is not None]
 
+    async def announce_gateway(self, url: str, ttl_s: float) -> None:
+        record = GatewayRecord(url=url)
+        async with self._bounded("announce_gateway"):
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.set(self._gateway_key(url), record.model_dump_json(), px=_ttl_ms(ttl_s))
+                pipe.sadd(self._gateways, url)
+                await pipe.execute()
+
+    async def withdraw_gateway(self, url: str) -> None:
+        async with self._bounded("withdraw_gateway"):
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.delete(self._gateway_key(url))
+                pipe.srem(self._gateways, url)
+                await pipe.execute()
+
+    async def list_gateways(self) -> list[GatewayRecord]:
+        """Every live announcement, ordered by URL; prunes URLs whose key expired."""
+        async with self._bounded("list_gateways"):
+            urls = sorted(_text(u) for u in await self._client.smembers(self._gateways))
+            if not urls:
+                return []
+            replies = await self._client.mget([self._gateway_key(url) for url in urls])
+            gone = [url for url, raw in zip(urls, replies, strict=True) if raw is None]
+            if gone:
+                await self._prune(keys=[self._gateways, *map(self._gateway_key, gone)], args=gone)
+        records = (_decode_gateway(url, raw) for url, raw in zip(urls, replies, strict=True) if raw)
+        return [record for record in records if record is not None]
+
     async def put_job(self, job: JobRecord) -> None:
         async with self._bounded("put_job"):
             await self._client.hset(self._jobs, job.job_id, job.model_dump_json())
@@ -189,6 +214,9 @@ class RedisRegistry:
     def _key(self, worker_id: str) -> str:
         return f"{self._prefix}:worker:{worker_id}"
 
+    def _gateway_key(self, url: str) -> str:
+        return f"{self._prefix}:announced-gateway:{url}"
+
     def _from_script(self, worker_id: str, reply: Any) -> WorkerRecord | None:
         """A script answers 0 for an unknown worker, else the hash as a flat HGETALL list."""
         if not isinstance(reply, list):
@@ -196,21 +224,8 @@ class RedisRegistry:
         fields = dict(zip(reply[::2], reply[1::2], strict=True))
         return _decode(worker_id, fields)
 
-    @contextlib.asynccontextmanager
-    async def _bounded(self, operation: str) -> AsyncIterator[None]:
-        """At most `timeout_s` for the whole call; whatever Redis or the network raised
-        becomes the one error callers handle. redis-py drops a connection whose command was
-        cancelled, so the deadline leaves no half-read reply in the pool."""
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                yield
-        except (TimeoutError, RedisError, OSError) as exc:
-            if isinstance(exc, RedisConnectionError):
-                with contextlib.suppress(RedisError, OSError):
-                    await self._client.connection_pool.disconnect(inuse_connections=False)
-            why = f"{type(exc).__name__}: {exc}" if str(exc) else f"no answer within {self._timeout_s} s"
-            where = f"redis registry at {self._where}"
-            raise RegistryUnavailable(f"{where} failed during {operation}: {why}") from exc
+    def _bounded(self, operation: str) -> contextlib.AbstractAsyncContextManager[None]:
+        return bounded(f"redis registry at {self._where}", operation, self._timeout_s, self._client)
 
 
 def _encode(record: WorkerRecord) -> dict[FieldT, EncodableT]:
@@ -241,6 +256,14 @@ def _decode_job(job_id: str, raw: str | bytes) -> JobRecord | None:
         return JobRecord.model_validate_json(raw)
     except ValidationError as exc:
         log.warning("ignoring malformed job record %s: %s", job_id, exc)
+        return None
+
+
+def _decode_gateway(url: str, raw: str | bytes) -> GatewayRecord | None:
+    try:
+        return GatewayRecord.model_validate_json(raw)
+    except ValidationError as exc:
+        log.warning("ignoring malformed gateway announcement %s: %s", url, exc)
         return None
 
 

@@ -132,6 +132,7 @@ async def run_worker(options: WorkerOptions) -> int:
                 tensor_parallel_size=spec.tensor_parallel_size,
                 pipeline_parallel_size=spec.pipeline_parallel_size,
                 max_model_len=engine.max_model_len,
+                max_num_seqs=engine.max_num_seqs,
             )
             heartbeats = asyncio.create_task(keep_registered(client, registration, engine.read_load))
         print(f"vpool worker {worker_id} serving {spec.name} on {url}", flush=True)

@@ -13,6 +13,7 @@ import fcntl
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 MODEL_DIR_NAME = "tiny-chat-v1"
@@ -146,3 +147,58 @@ def _generate(out: Path) -> None:
     # safetensors directly rather than save_pretrained: same file, no progress bar on stderr.
     weights = {name: t.to(torch.bfloat16).contiguous() for name, t in model.state_dict().items()}
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+
+def make_sized_chat_model(work: Path, hidden: int, layers: int, kv_heads: int, max_len: int) -> Path:
+    """A random-weight Llama of the given size with the tiny model's tokenizer and template,
+    for benchmarks whose prefill must cost something (benchmarks/prefix_routing.py)."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    tiny = ensure_tiny_chat_model(work / "cache")
+    out = work / f"model-h{hidden}-l{layers}"
+    out.mkdir(parents=True, exist_ok=True)
+    for path in tiny.iterdir():
+        if path.name.startswith("tokenizer") or path.name in (
+            "special_tokens_map.json",
+            "chat_template.jinja",
+        ):
+            shutil.copy(path, out / path.name)
+    tok_config = json.loads((out / "tokenizer_config.json").read_text())
+    tok_config["model_max_length"] = max_len
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    tiny_config = json.loads((tiny / "config.json").read_text())
+    ids = {k: tiny_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    config = LlamaConfig(
+        vocab_size=tiny_config["vocab_size"],
+        hidden_size=hidden,
+        intermediate_size=hidden * 8 // 3 // 64 * 64,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,  # head_dim 64: vLLM's CPU attention needs 64 or more
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_len,
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+        **ids,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    config.architectures = ["LlamaForCausalLM"]
+    config.save_pretrained(out)
+    GenerationConfig(**ids).save_pretrained(out)
+    weights = {name: t.to(torch.bfloat16).contiguous() for name, t in model.state_dict().items()}
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    params = sum(t.numel() for t in weights.values())
+    print(f"  model: hidden {hidden}, {layers} layers, {kv_heads} KV heads, {params / 1e6:.1f} M parameters")
+    return out
+
+
+def token_counter(model_dir: Path) -> Callable[[str], int]:
+    """Counts tokens as the model's own tokenizer does (benchmarks size prompts with it)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    return lambda text: len(tokenizer.encode(text).ids)

@@ -32,15 +32,24 @@ class EngineApp:
     # The longest context the engine takes, as vLLM settled it (from the model's config or
     # `--max-model-len`).
     max_model_len: int
+    # The most requests the engine runs at once (its scheduler's `max_num_seqs`): gateways
+    # hold requests past it in their fair-share queues (vpool/gateway/fair_share.py).
+    max_num_seqs: int
 
 
 class _LoadProbe:
-    """A vLLM stat logger that keeps the latest scheduler stats for our heartbeats."""
+    """A vLLM stat logger that keeps the latest scheduler stats for our heartbeats, and adds up
+    the engine's prefix-cache counters the way vLLM's Prometheus logger does."""
 
     def __init__(self) -> None:
         self.running = 0
         self.waiting = 0
         self.kv_cache_usage = 0.0
+        # Totals since the engine started. Each step's `prefix_cache_stats` holds only what
+        # that step looked up (vLLM hands it over and starts a new one), and a prefix-cache
+        # reset does not reset these: like `vllm:prefix_cache_queries_total`, they only grow.
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
 
     def factory(self, vllm_config: Any, engine_index: int = 0) -> Any:
         from vllm.v1.metrics.loggers import StatLoggerBase
@@ -59,14 +68,24 @@ class _LoadProbe:
                 engine_idx: int = 0,
             ) -> None:
                 if scheduler_stats is not None:
-                    probe.running = scheduler_stats.num_running_reqs
-                    probe.waiting = scheduler_stats.num_waiting_reqs
-                    probe.kv_cache_usage = scheduler_stats.kv_cache_usage
+                    probe.record(scheduler_stats)
 
             def log_engine_initialized(self) -> None:
                 pass
 
         return _Recorder(vllm_config, engine_index)
+
+    def record(self, scheduler_stats: Any) -> None:
+        """Take one engine step's `vllm.v1.metrics.stats.SchedulerStats`."""
+        self.running = scheduler_stats.num_running_reqs
+        self.waiting = scheduler_stats.num_waiting_reqs
+        self.kv_cache_usage = scheduler_stats.kv_cache_usage
+        # Requests resumed after a preemption are counted apart (`preempted_*`) and, as in
+        # vLLM's own counters, left out: their second lookup would count their prompt twice.
+        prefix = scheduler_stats.prefix_cache_stats
+        if prefix is not None:
+            self.prefix_cache_queries += prefix.queries
+            self.prefix_cache_hits += prefix.hits
 
     def load(self, unfinished: int) -> WorkerLoad:
         # Scheduler stats arrive only with engine steps, so an engine that just went idle
@@ -74,7 +93,13 @@ class _LoadProbe:
         running = min(self.running, unfinished)
         waiting = min(self.waiting, unfinished - running)
         kv = min(max(self.kv_cache_usage, 0.0), 1.0)
-        return WorkerLoad(running=running, waiting=waiting, kv_cache_usage=kv)
+        return WorkerLoad(
+            running=running,
+            waiting=waiting,
+            kv_cache_usage=kv,
+            prefix_cache_queries=self.prefix_cache_queries,
+            prefix_cache_hits=self.prefix_cache_hits,
+        )
 
 
 def vllm_cli_args(spec: ModelSpec, model_path: str, dtype: str) -> list[str]:
@@ -94,6 +119,9 @@ def vllm_cli_args(spec: ModelSpec, model_path: str, dtype: str) -> list[str]:
         argv += ["--gpu-memory-utilization", str(spec.gpu_memory_utilization)]
     if spec.chat_template is not None:
         argv += ["--chat-template", str(spec.chat_template)]
+    if spec.distributed_executor_backend is not None:
+        # "ray": vLLM's Ray executor calls `ray.init()`, which joins the cluster RAY_ADDRESS names.
+        argv += ["--distributed-executor-backend", spec.distributed_executor_backend]
     for key, value in spec.engine_args.items():
         argv += _flag(key, value)
     return argv
@@ -196,6 +224,7 @@ async def open_engine(spec: ModelSpec, model_path: str, dtype: str) -> AsyncIter
             read_load=read_load,
             engine_dead=lambda: engine.errored,
             max_model_len=int(engine.model_config.max_model_len),
+            max_num_seqs=int(vllm_config.scheduler_config.max_num_seqs),
         )
     finally:
         engine.shutdown()

@@ -132,6 +132,16 @@
     return wrap;
   }
 
+  // "62% (3,968 of 6,150 tokens)" since the worker's engine started; null (a dash) where it
+  // reports no lookups: an external server, prefix caching off.
+  function prefixHits(w) {
+    if (w.prefix_cache_hit_rate === null || w.prefix_cache_hit_rate === undefined) return null;
+    const pct = Math.round(w.prefix_cache_hit_rate * 100);
+    const hits = w.prefix_cache_hits.toLocaleString();
+    const queries = w.prefix_cache_queries.toLocaleString();
+    return `${pct}% (${hits} of ${queries} tokens)`;
+  }
+
   function fill(bodyId, emptyId, rows) {
     $(bodyId).replaceChildren(...rows);
     $(bodyId).closest("table").hidden = rows.length === 0;
@@ -226,6 +236,7 @@
           num(w.running),
           num(w.waiting),
           { node: meter(w.kv_cache_usage) },
+          num(prefixHits(w)),
           num(w.inflight),
           age(w.last_heartbeat_age_s),
           w.kind === "external" ? "external" : w.runner === "pooling" ? "vpool (embeddings)" : "vpool",
