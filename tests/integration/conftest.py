@@ -27,7 +27,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.support.processes import Proc, free_port
+from tests.support.processes import Proc, delete_redis_prefix, free_port, wait_http
 from vpool.worker.tiny_model import ensure_tiny_chat_model
 
 REDIS_URL = os.environ.get("VPOOL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -67,20 +67,6 @@ def _spawn(name: str, args: list[str], log_dir: Path, env: dict[str, str]) -> Pr
             start_new_session=True,
         )
     return Proc(name, popen, log_path)
-
-
-def _wait_http(url: str, proc: Proc, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.popen.poll() is not None:
-            raise RuntimeError(f"{proc.name} exited early:\n{proc.log_tail()}")
-        try:
-            if httpx.get(url, timeout=1).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{proc.name} did not answer {url}:\n{proc.log_tail()}")
 
 
 @pytest.fixture(scope="session")
@@ -124,9 +110,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Ite
     fleet = Fleet(controller_url, [f"http://127.0.0.1:{p}" for p in gateway_ports], config_path, prefix)
     fleet.others = [controller, *gateways]
     try:
-        _wait_http(f"{controller_url}/health", controller)
+        wait_http(f"{controller_url}/health", controller)
         for proc, port in zip(gateways, gateway_ports, strict=True):
-            _wait_http(f"http://127.0.0.1:{port}/health", proc)
+            wait_http(f"http://127.0.0.1:{port}/health", proc)
 
         chat = [
             "--model", str(tiny_model_dir), "--max-model-len", "1024",
@@ -170,7 +156,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Ite
     finally:
         for proc in [*fleet.workers.values(), *fleet.others]:
             proc.stop(signal.SIGTERM, timeout=30)
-        _delete_prefix(prefix)
+        delete_redis_prefix(REDIS_URL, prefix)
 
 
 def _wait_ready(fleet: Fleet, worker_ids: set[str]) -> None:
@@ -185,18 +171,6 @@ def _wait_ready(fleet: Fleet, worker_ids: set[str]) -> None:
             return
         time.sleep(1)
     raise RuntimeError(f"workers not ready in time: {worker_ids - ready}")
-
-
-def _delete_prefix(prefix: str) -> None:
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        keys = list(client.scan_iter(match=f"{prefix}:*"))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
 
 
 @pytest.fixture(scope="session")

@@ -30,7 +30,8 @@ import httpx
 import pytest
 import yaml
 
-from tests.support.processes import Proc, free_port
+from tests.support.jobs import follow_job
+from tests.support.processes import Proc, delete_redis_prefix, free_port, wait_http
 from tests.support.ray_cluster import RayHead, ray_head
 from vpool.client import VpoolClient
 from vpool.registry.records import JobState
@@ -100,12 +101,12 @@ def ray_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayFleet]:
         )
         try:
             for url, proc in ((fleet.controller_url, procs[0]), (fleet.gateway_url, procs[1])):
-                _wait_http(f"{url}/health", proc)
+                wait_http(f"{url}/health", proc)
             yield fleet
         finally:
             for proc in procs:
                 proc.stop(signal.SIGTERM, timeout=30)
-            _delete_prefix(prefix)
+            delete_redis_prefix(REDIS_URL, prefix)
 
 
 def _spawn(command: str, work: Path, env: dict[str, str]) -> Proc:
@@ -118,43 +119,9 @@ def _spawn(command: str, work: Path, env: dict[str, str]) -> Proc:
     return Proc(command, popen, log)
 
 
-def _wait_http(url: str, proc: Proc, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        assert proc.popen.poll() is None and time.monotonic() < deadline, proc.log_tail()
-        try:
-            if httpx.get(url, timeout=1).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-
-
-def _delete_prefix(prefix: str) -> None:
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        keys = list(client.scan_iter(match=f"{prefix}:*"))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
-
-
 def _follow(fleet: RayFleet, job_id: str, until: set[JobState], timeout_s: float) -> list[JobState]:
-    """The states a job goes through (each once, in order) until one in `until`."""
-    seen: list[JobState] = []
-    deadline = time.monotonic() + timeout_s
-    with fleet.client() as client:
-        while time.monotonic() < deadline:
-            job = client.status(job_id)
-            if not seen or seen[-1] != job.state:
-                seen.append(job.state)
-            if job.state in until:
-                return seen
-            time.sleep(0.5)
-    raise AssertionError(f"job {job_id} went {seen}, never {until}\n{fleet.logs()}")
+    """The states a job goes through until one in `until`; the fleet's logs when it fails."""
+    return follow_job(fleet.client, job_id, until, timeout_s, fleet.logs)
 
 
 def _cli_waiting_for_stdin(fleet: RayFleet, *args: str) -> subprocess.Popen[str]:

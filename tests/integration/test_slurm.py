@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from tests.integration.conftest import API_KEY, TOKEN, Fleet
+from tests.support.jobs import follow_job
 from tests.support.processes import Proc, free_port
 from tests.support.slurm_cluster import SlurmCluster, slurm_cluster
 from vpool.catalog.catalog import load_catalog
@@ -122,20 +123,8 @@ def no_jobs_left_behind(controller: SlurmController) -> Iterator[None]:
 def _follow(
     controller: SlurmController, job_id: str, until: set[JobState], timeout_s: float
 ) -> list[JobState]:
-    """The states a job goes through (each once, in order) until one in `until`."""
-    seen: list[JobState] = []
-    deadline = time.monotonic() + timeout_s
-    with controller.client() as client:
-        while time.monotonic() < deadline:
-            job = client.status(job_id)
-            if not seen or seen[-1] != job.state:
-                seen.append(job.state)
-            if job.state in until:
-                return seen
-            time.sleep(0.5)
-    raise AssertionError(
-        f"job {job_id} went {seen} and never reached {until}: {job}\n{_slurm_view(controller, job_id)}"
-    )
+    """The states a job goes through until one in `until`; Slurm's view when it fails."""
+    return follow_job(controller.client, job_id, until, timeout_s, lambda: _slurm_view(controller, job_id))
 
 
 def _slurm_view(controller: SlurmController, job_id: str) -> str:

@@ -7,8 +7,11 @@ import os
 import signal
 import socket
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import httpx
 
 
 def free_port() -> int:
@@ -49,3 +52,31 @@ class Proc:
         if self.popen.poll() is None:
             self.popen.kill()
         self.popen.wait(10)
+
+
+def wait_http(url: str, proc: Proc, timeout_s: float = 30) -> None:
+    """Wait until `url` answers below 500; fail with `proc`'s log if it exits or never does."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.popen.poll() is not None:
+            raise RuntimeError(f"{proc.name} exited early:\n{proc.log_tail()}")
+        try:
+            if httpx.get(url, timeout=1).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{proc.name} did not answer {url}:\n{proc.log_tail()}")
+
+
+def delete_redis_prefix(redis_url: str, prefix: str) -> None:
+    """Remove every key a test session wrote under `prefix:` (sessions share one Redis)."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}:*"))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()

@@ -24,6 +24,7 @@ import pytest
 from fastapi import FastAPI
 
 from tests.support.stub_worker import RunningServer, StubWorker, serve_in_thread
+from tests.unit.controllers import ControllerFactory, ControllerHandle, start_on
 from vpool.config import GatewaySettings, ModelSpec, RegistrySettings, Settings
 from vpool.gateway.app import create_app
 from vpool.gateway.routing import RoutingPolicy
@@ -243,6 +244,31 @@ def gateway(shared_gateway: GatewayHandle, stub: StubWorker) -> GatewayHandle:
     shared_gateway.clear()
     shared_gateway.add_worker(stub)
     return shared_gateway
+
+
+@pytest.fixture
+def start_controller(servers: Servers) -> Iterator[ControllerFactory]:
+    started: list[ControllerHandle] = []
+
+    def start(**options: Any) -> ControllerHandle:
+        started.append(start_on(servers, **options))
+        return started[-1]
+
+    yield start
+    for ctl in started:  # on the loop the registry's connections belong to
+        ctl.server.call(ctl.registry.close())
+
+
+@pytest.fixture(scope="module")
+def shared_controller(module_servers: Servers) -> ControllerHandle:
+    return start_on(module_servers)
+
+
+@pytest.fixture
+def controller(shared_controller: ControllerHandle) -> ControllerHandle:
+    """A controller with no token over an empty registry: no workers, no gateways."""
+    shared_controller.clear()
+    return shared_controller
 
 
 @pytest.fixture(scope="module")

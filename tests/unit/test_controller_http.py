@@ -4,86 +4,18 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.support.stub_worker import RunningServer, StubWorker, closed_port
-from tests.unit.conftest import Servers, StubFactory, assert_openai_error
-from vpool.config import ControllerSettings, EndpointSpec
-from vpool.controller.app import create_controller_app
+from tests.support.stub_worker import StubWorker, closed_port
+from tests.unit.conftest import StubFactory, assert_openai_error
+from tests.unit.controllers import HEARTBEAT_S, TOKEN, ControllerFactory, ControllerHandle
+from vpool.config import EndpointSpec
 from vpool.controller.external import endpoint_worker_id
-from vpool.registry.memory_backend import MemoryRegistry
-from vpool.registry.protocol import Registry
 from vpool.registry.redis_backend import RedisRegistry
-
-TOKEN = "controller-token"
-HEARTBEAT_S = 0.2
-
-
-@dataclass
-class ControllerHandle:
-    url: str
-    settings: ControllerSettings
-    server: RunningServer
-    registry: Registry
-
-    def clear(self) -> None:
-        async def remove_all() -> None:
-            for record in await self.registry.list_workers():
-                await self.registry.remove(record.worker_id)
-
-        self.server.call(remove_all())
-
-
-ControllerFactory = Callable[..., ControllerHandle]
-
-
-def start_on(
-    servers: Servers,
-    *,
-    token: str | None = None,
-    endpoints: list[EndpointSpec] | None = None,
-    registry: Registry | None = None,
-    heartbeat_s: float = HEARTBEAT_S,
-) -> ControllerHandle:
-    settings = ControllerSettings(
-        registration_token=token,
-        heartbeat_interval_s=heartbeat_s,
-        expiry_intervals=3,
-        health_probe_timeout_s=0.5,
-    )
-    registry = registry or MemoryRegistry()
-    server = servers.serve(create_controller_app(settings, registry, endpoints))
-    return ControllerHandle(server.url, settings, server, registry)
-
-
-@pytest.fixture
-def start_controller(servers: Servers) -> Iterator[ControllerFactory]:
-    started: list[ControllerHandle] = []
-
-    def start(**options: Any) -> ControllerHandle:
-        started.append(start_on(servers, **options))
-        return started[-1]
-
-    yield start
-    for ctl in started:  # on the loop the registry's connections belong to
-        ctl.server.call(ctl.registry.close())
-
-
-@pytest.fixture(scope="module")
-def shared_controller(module_servers: Servers) -> ControllerHandle:
-    return start_on(module_servers)
-
-
-@pytest.fixture
-def controller(shared_controller: ControllerHandle) -> ControllerHandle:
-    """A controller with no token and an empty registry."""
-    shared_controller.clear()
-    return shared_controller
 
 
 def registration(stub_url: str, worker_id: str = "w1", **fields: Any) -> dict[str, Any]:

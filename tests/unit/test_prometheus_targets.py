@@ -14,13 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.stub_worker import StubWorker
 from tests.unit.conftest import GatewayFactory, Servers, assert_openai_error
-from tests.unit.test_controller_http import (
-    TOKEN,
-    ControllerFactory,
-    ControllerHandle,
-    registration,
-    start_on,
-)
+from tests.unit.controllers import TOKEN, ControllerFactory, ControllerHandle
+from tests.unit.test_controller_http import registration
 from vpool.config import GatewaySettings
 from vpool.gateway.announce import Announcer, advertised_url
 from vpool.registry.memory_backend import MemoryRegistry
@@ -28,29 +23,6 @@ from vpool.registry.records import WorkerRecord, WorkerState
 from vpool.registry.redis_backend import RedisRegistry
 
 AUTH = {"authorization": f"Bearer {TOKEN}"}
-
-
-@pytest.fixture
-def start_controller(servers: Servers) -> ControllerFactory:
-    def start(**options: Any) -> ControllerHandle:
-        return start_on(servers, **options)
-
-    return start
-
-
-@pytest.fixture(scope="module")
-def shared_controller(module_servers: Servers) -> ControllerHandle:
-    return start_on(module_servers)
-
-
-@pytest.fixture
-def controller(shared_controller: ControllerHandle) -> ControllerHandle:
-    """A controller with no token over an empty registry: no workers, no gateways."""
-    shared_controller.clear()
-    registry = shared_controller.registry
-    for gateway in shared_controller.server.call(registry.list_gateways()):
-        shared_controller.server.call(registry.withdraw_gateway(gateway.url))
-    return shared_controller
 
 
 def targets(http: httpx.Client, ctl: ControllerHandle, **kwargs: object) -> list[dict[str, object]]:
