@@ -14,7 +14,9 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 MODEL_DIR_NAME = "tiny-chat-v1"
 SPECIAL_TOKENS = ["<s>", "</s>", "<unk>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -94,10 +96,8 @@ def _corpus() -> list[str]:
 
 
 def _generate(out: Path) -> None:
-    import torch
-    from safetensors.torch import save_file
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -127,14 +127,40 @@ def _generate(out: Path) -> None:
         "eos_token_id": eos_ids,
         "pad_token_id": tokenizer.pad_token_id,
     }
-    config = LlamaConfig(
+    _save_llama(
+        out,
+        LlamaSize(hidden=256, intermediate=512, layers=2, heads=4, kv_heads=4, max_len=2048),
         vocab_size=len(tokenizer),
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,  # head_dim 64: vLLM's CPU attention kernels need 64 or more
-        num_key_value_heads=4,
-        max_position_embeddings=2048,
+        ids=ids,
+    )
+
+
+@dataclass(frozen=True)
+class LlamaSize:
+    """A Llama's shape. head_dim (hidden / heads) must be 64 or more for vLLM's CPU attention."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    max_len: int
+
+
+def _save_llama(out: Path, size: LlamaSize, vocab_size: int, ids: dict[str, Any]) -> int:
+    """Random weights (seed 0) for a Llama of `size`, saved with its configs; the parameter count."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=size.hidden,
+        intermediate_size=size.intermediate,
+        num_hidden_layers=size.layers,
+        num_attention_heads=size.heads,
+        num_key_value_heads=size.kv_heads,
+        max_position_embeddings=size.max_len,
         tie_word_embeddings=False,
         dtype="bfloat16",
         **ids,
@@ -147,16 +173,13 @@ def _generate(out: Path) -> None:
     # safetensors directly rather than save_pretrained: same file, no progress bar on stderr.
     weights = {name: t.to(torch.bfloat16).contiguous() for name, t in model.state_dict().items()}
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return sum(t.numel() for t in weights.values())
 
 
 def make_sized_chat_model(work: Path, hidden: int, layers: int, kv_heads: int, max_len: int) -> Path:
     """A random-weight Llama of the given size with the tiny model's tokenizer and template,
     for benchmarks whose prefill must cost something (benchmarks/prefix_routing.py)."""
     import json
-
-    import torch
-    from safetensors.torch import save_file
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     tiny = ensure_tiny_chat_model(work / "cache")
     out = work / f"model-h{hidden}-l{layers}"
@@ -172,26 +195,15 @@ def make_sized_chat_model(work: Path, hidden: int, layers: int, kv_heads: int, m
     (out / "tokenizer_config.json").write_text(json.dumps(tok_config))
     tiny_config = json.loads((tiny / "config.json").read_text())
     ids = {k: tiny_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    config = LlamaConfig(
-        vocab_size=tiny_config["vocab_size"],
-        hidden_size=hidden,
-        intermediate_size=hidden * 8 // 3 // 64 * 64,
-        num_hidden_layers=layers,
-        num_attention_heads=hidden // 64,  # head_dim 64: vLLM's CPU attention needs 64 or more
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=max_len,
-        tie_word_embeddings=False,
-        dtype="bfloat16",
-        **ids,
+    size = LlamaSize(
+        hidden=hidden,
+        intermediate=hidden * 8 // 3 // 64 * 64,
+        layers=layers,
+        heads=hidden // 64,
+        kv_heads=kv_heads,
+        max_len=max_len,
     )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    config.architectures = ["LlamaForCausalLM"]
-    config.save_pretrained(out)
-    GenerationConfig(**ids).save_pretrained(out)
-    weights = {name: t.to(torch.bfloat16).contiguous() for name, t in model.state_dict().items()}
-    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
-    params = sum(t.numel() for t in weights.values())
+    params = _save_llama(out, size, vocab_size=tiny_config["vocab_size"], ids=ids)
     print(f"  model: hidden {hidden}, {layers} layers, {kv_heads} KV heads, {params / 1e6:.1f} M parameters")
     return out
 
