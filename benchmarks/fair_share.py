@@ -43,8 +43,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import redis
 import yaml
+from engines import VPOOL, EngineWorker, forget_prefix, start_engine_worker
 from processes import ProcessGroup, free_ports, wait_until
 
 from vpool.worker.tiny_model import ensure_tiny_chat_model
@@ -222,15 +222,20 @@ def fleet(args: argparse.Namespace, work: Path) -> Iterator[tuple[str, str, str]
         gateway = {"keys": keys, "refresh_interval_s": 0.2, "fair_share": {"enabled": enabled}}
         configs[name].write_text(yaml.safe_dump({**base, "gateway": gateway}))
     env = {"VPOOL_REGISTRATION_TOKEN": TOKEN}
-    vpool = [sys.executable, "-m", "vpool.cli"]
+    vpool = VPOOL
     controller_url = f"http://127.0.0.1:{controller_port}"
-    worker = [
-        "worker", "--worker-id", "bench-worker", "--model", str(model_dir), "--served-name", MODEL,
-        "--port", str(worker_port), "--max-model-len", "1024",
-        "--engine-arg", "kv_cache_memory_bytes=536870912", "--engine-arg", "enforce_eager=true",
-        "--engine-arg", f"max_num_seqs={args.max_num_seqs}",
-        "--controller", controller_url, "--cache-dir", str(work / "cache"),
-    ]  # fmt: skip
+    worker = EngineWorker(
+        worker_id="bench-worker",
+        model_dir=model_dir,
+        served_name=MODEL,
+        port=worker_port,
+        controller_url=controller_url,
+        cache_dir=work / "cache",
+        max_model_len=1024,
+        engine_args={"kv_cache_memory_bytes": "536870912", "max_num_seqs": str(args.max_num_seqs)},
+        nice=args.engine_nice,
+        threads=args.engine_threads,
+    )
     urls = [f"http://127.0.0.1:{p}" for p in (on_port, off_port)]
     try:
         with ProcessGroup(work) as group:
@@ -238,21 +243,12 @@ def fleet(args: argparse.Namespace, work: Path) -> Iterator[tuple[str, str, str]
             for name, port in (("on", on_port), ("off", off_port)):
                 gateway_argv = [*vpool, "gateway", "--config", str(configs[name]), "--port", str(port)]
                 group.start(f"gateway-{name}", gateway_argv, env=env)
-            # The engine's compute threads: on a small machine, left to take every core, it
-            # starves the gateway and the clients of this very benchmark (stalls of a second
-            # were seen on 2).
-            engine = group.start(
-                "worker",
-                ["nice", "-n", str(args.engine_nice), *vpool, *worker],
-                env={**env, "OMP_NUM_THREADS": str(args.engine_threads)},
-            )
+            engine = start_engine_worker(group, worker, env)
             for url in urls:
                 wait_until(engine, lambda url=url: serves_model(url), 600, f"serving {MODEL} through {url}")
             yield urls[0], urls[1], f"http://127.0.0.1:{worker_port}"
     finally:
-        client = redis.Redis.from_url(args.redis_url)
-        for key in client.scan_iter(f"{prefix}:*"):
-            client.delete(key)
+        forget_prefix(args.redis_url, prefix)
 
 
 # --- report ---------------------------------------------------------------------------------

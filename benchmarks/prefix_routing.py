@@ -45,7 +45,6 @@ import platform
 import random
 import re
 import shutil
-import sys
 import tempfile
 import time
 import uuid
@@ -56,8 +55,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import redis
 import yaml
+from engines import VPOOL, EngineWorker, forget_prefix, start_engine_worker
 from processes import ProcessGroup, free_ports, wait_until
 
 from vpool.worker.tiny_model import make_sized_chat_model, token_counter
@@ -332,30 +331,36 @@ def fleet(
         )
     )
     env = {"VPOOL_REGISTRATION_TOKEN": TOKEN}
-    vpool = [sys.executable, "-m", "vpool.cli"]
+    vpool = VPOOL
     kv_bytes = args.kv_tokens * kv_bytes_per_token(args.layers, args.kv_heads)
     workers = {f"bench-w{i}": f"http://127.0.0.1:{p}" for i, p in enumerate(worker_ports)}
     gateways = {policy: f"http://127.0.0.1:{p}" for policy, p in zip(POLICIES, gateway_ports, strict=True)}
     try:
         with ProcessGroup(work) as group:
             group.start("controller", [*vpool, "controller", "--config", str(config)], env=env)
-            engines = []
-            for (worker_id, _), port in zip(workers.items(), worker_ports, strict=True):
-                argv = [
-                    "worker", "--worker-id", worker_id, "--model", str(model_dir), "--served-name", MODEL,
-                    "--port", str(port), "--max-model-len", str(args.max_len),
-                    "--engine-arg", f"kv_cache_memory_bytes={kv_bytes}", "--engine-arg", "enforce_eager=true",
-                    "--engine-arg", "enable_prefix_caching=true",
-                    "--engine-arg", f"max_num_seqs={args.max_num_seqs}",
-                    "--controller", f"http://127.0.0.1:{controller_port}", "--cache-dir", str(work / "cache"),
-                ]  # fmt: skip
-                engines.append(
-                    group.start(
-                        worker_id,
-                        ["nice", "-n", str(args.engine_nice), *vpool, *argv],
-                        env={**env, "OMP_NUM_THREADS": str(args.engine_threads), "VLLM_SERVER_DEV_MODE": "1"},
-                    )
+            engines = [
+                start_engine_worker(
+                    group,
+                    EngineWorker(
+                        worker_id=worker_id,
+                        model_dir=model_dir,
+                        served_name=MODEL,
+                        port=port,
+                        controller_url=f"http://127.0.0.1:{controller_port}",
+                        cache_dir=work / "cache",
+                        max_model_len=args.max_len,
+                        engine_args={
+                            "kv_cache_memory_bytes": str(kv_bytes),
+                            "enable_prefix_caching": "true",
+                            "max_num_seqs": str(args.max_num_seqs),
+                        },
+                        nice=args.engine_nice,
+                        threads=args.engine_threads,
+                    ),
+                    {**env, "VLLM_SERVER_DEV_MODE": "1"},
                 )
+                for worker_id, port in zip(workers, worker_ports, strict=True)
+            ]
             for policy, port in zip(POLICIES, gateway_ports, strict=True):
                 argv = [*vpool, "gateway", "--config", str(config), "--port", str(port), "--routing", policy]
                 group.start(f"gateway-{policy}", argv, env=env)
@@ -366,9 +371,7 @@ def fleet(
             time.sleep(3.0)  # a few heartbeats and refreshes: every gateway sees both workers
             yield gateways, workers
     finally:
-        client = redis.Redis.from_url(args.redis_url)
-        for key in client.scan_iter(f"{prefix}:*"):
-            client.delete(key)
+        forget_prefix(args.redis_url, prefix)
 
 
 # --- calibration ----------------------------------------------------------------------------
