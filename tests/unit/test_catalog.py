@@ -11,6 +11,7 @@ import pytest
 from vpool.catalog.catalog import CatalogEntry, CatalogError, load_catalog
 from vpool.catalog.errors import UnknownGPU, UnknownModel
 from vpool.catalog.gpus import auto_dtype, load_gpus
+from vpool.worker.tiny_model import TINY_CHAT_SIZE
 
 REQUIRED_MODELS = [
     "llama-30b",
@@ -149,22 +150,15 @@ def test_the_two_builtin_models_run_without_a_gpu_or_a_download() -> None:
 
 
 def test_tiny_chat_figures_are_the_ones_vpool_generates() -> None:
-    import ast
-
-    source = (Path(__file__).parents[2] / "vpool/worker/tiny_model.py").read_text()
-    call = next(
-        node
-        for node in ast.walk(ast.parse(source))
-        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "LlamaConfig"
-    )
-    made = {kw.arg: kw.value.value for kw in call.keywords if isinstance(kw.value, ast.Constant)}
+    made = TINY_CHAT_SIZE
     arch = load_catalog().get("tiny-chat").architecture
-    assert made["hidden_size"] == arch.hidden_size
-    assert made["intermediate_size"] == arch.intermediate_size
-    assert made["num_hidden_layers"] == arch.num_hidden_layers
-    assert made["num_attention_heads"] == arch.num_attention_heads
-    assert made["num_key_value_heads"] == arch.num_key_value_heads
-    assert made["max_position_embeddings"] == arch.max_position_embeddings
+    assert made.hidden == arch.hidden_size
+    assert made.intermediate == arch.intermediate_size
+    assert made.layers == arch.num_hidden_layers
+    assert made.heads == arch.num_attention_heads
+    assert made.kv_heads == arch.num_key_value_heads
+    assert made.max_len == arch.max_position_embeddings
+    assert made.hidden // made.heads == arch.head_dim
 
 
 def test_lookup_ignores_case_and_accepts_the_hub_id() -> None:
