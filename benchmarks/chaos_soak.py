@@ -33,7 +33,7 @@ import aiohttp
 import orjson
 from cases import MODEL
 from processes import Process, ProcessGroup, free_ports, wait_until
-from systems import HERE, REPO, _lists_model, log_directory
+from systems import HERE, REPO, lists_model, log_directory
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}
 
@@ -116,7 +116,7 @@ def start_worker(group: ProcessGroup, worker: Worker, args: argparse.Namespace) 
     ]  # fmt: skip
     worker.process = group.start(worker.name, argv)
     url = f"http://127.0.0.1:{worker.port}"
-    wait_until(worker.process, lambda: _lists_model(url), 30.0, "serving")
+    wait_until(worker.process, lambda: lists_model(url), 30.0, "serving")
 
 
 async def chaos_loop(
@@ -149,7 +149,7 @@ def start_vpool(group: ProcessGroup, workers: list[Worker], log_dir: Path, base_
     argv = [sys.executable, "-m", "vpool.cli", "up", "--config", str(config)]
     process = group.start("vpool", argv, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
-    wait_until(process, lambda: _lists_model(url), 60.0, f"listing `{MODEL}`")
+    wait_until(process, lambda: lists_model(url), 60.0, f"listing `{MODEL}`")
     return url
 
 

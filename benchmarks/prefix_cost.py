@@ -10,11 +10,14 @@ turns each (the shared-prefix traffic `prefix` is for).
 - `gateway`: `vpool up` in front of four stub backends (`stub_backend.py`, as endpoints),
   the gateway on one core, the stubs and wrk on the other (as compare.py does), wrk rotating
   over the bodies for `--duration` seconds. The gateway process's CPU seconds (from /proc)
-  over the requests answered: CPU per request, and the throughput.
+  over the requests answered: CPU per request, and the throughput. Then vllm-router in
+  front of the same stubs, with its own prefix policy (`cache_aware`) and `round_robin`,
+  when it is installed (`--peers-venv`): vpool's throughput over theirs, from one run.
 
     python benchmarks/prefix_cost.py                  # both, 10 s per policy
     python benchmarks/prefix_cost.py --duration 3 --concurrency 16
     python benchmarks/prefix_cost.py --decision-only  # no processes: a few seconds
+    python benchmarks/prefix_cost.py --peers-venv .peers-venv   # with vllm-router
 
 It is a benchmark, not a test: run it on a quiet machine. The gateway is CPU-bound here
 (the stubs answer at once), so its CPU per request is about 1 / its throughput.
@@ -34,8 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from cases import MODEL
-from processes import ProcessGroup, cpu_seconds, free_ports, pin_self, wait_until
-from systems import REPO, start_backend
+from processes import Process, ProcessGroup, cpu_seconds, free_ports, pin_self, wait_until
+from systems import REPO, find_peer, lists_model, start_backend, start_vllm_router
 from wrk_load import _DONE, _lua_string, run_wrk
 
 from vpool.config import PrefixRoutingSettings
@@ -46,6 +49,8 @@ from vpool.registry.memory_backend import MemoryRegistry
 from vpool.registry.records import WorkerLoad, WorkerRecord, WorkerState
 
 POLICIES = ("least_outstanding", "prefix")
+# vllm-router's own prefix policy (a radix tree of every prompt) and its plain one.
+ROUTER_POLICIES = ("cache_aware", "round_robin")
 WORKERS = 4
 
 
@@ -136,6 +141,7 @@ def shares(url: str, traffic: list[bytes]) -> dict[str, int]:
 def measure_gateway(
     args: argparse.Namespace, traffic: list[bytes], log_dir: Path
 ) -> dict[str, dict[str, Any]]:
+    """Each vpool policy, then each vllm-router policy, in front of the same four stubs."""
     results: dict[str, dict[str, Any]] = {}
     script = wrk_script(traffic, log_dir)
     with ProcessGroup(log_dir) as group:
@@ -157,23 +163,35 @@ def measure_gateway(
             wait_until(
                 process, lambda u=url: health_counts(u) == WORKERS, 60.0, f"routing to {WORKERS} workers"
             )
-            spread = shares(url, traffic[:200])
-            run_wrk(url, script, args.concurrency, 1, args.load_cpu)  # warm-up
-            before = cpu_seconds(process.pid) or 0.0
-            result = run_wrk(url, script, args.concurrency, args.duration, args.load_cpu)
-            used = (cpu_seconds(process.pid) or 0.0) - before
-            results[name] = {
-                "requests": result.requests,
-                "rps": round(result.rps, 1),
-                "p50_ms": result.p50_ms,
-                "p99_ms": result.p99_ms,
-                "errors": result.errors,
-                "cpu_us_per_request": round(used / result.requests * 1e6, 1) if result.requests else None,
-                "shares_of_200": spread,
-                "problem": result.problem,
-            }
+            results[name] = {**load(args, script, process, url), "shares_of_200": shares(url, traffic[:200])}
+            group.stop(process)
+        for policy in args.router_policies:
+            name = f"vllm-router-{policy}"
+            worker_urls = [b.base_url for b in backends]
+            process, url = start_vllm_router(
+                group, worker_urls, args.gateway_cpu, args.port_base + 50, args.peers_venv, policy, name
+            )
+            wait_until(process, lambda u=url: lists_model(u), 60.0, f"listing `{MODEL}`")
+            results[name] = load(args, script, process, url)
             group.stop(process)
     return results
+
+
+def load(args: argparse.Namespace, script: Path, process: Process, url: str) -> dict[str, Any]:
+    """wrk on `url` after a second's warm-up: throughput, latency and the gateway's CPU per request."""
+    run_wrk(url, script, args.concurrency, 1, args.load_cpu)  # warm-up
+    before = cpu_seconds(process.pid) or 0.0
+    result = run_wrk(url, script, args.concurrency, args.duration, args.load_cpu)
+    used = (cpu_seconds(process.pid) or 0.0) - before
+    return {
+        "requests": result.requests,
+        "rps": round(result.rps, 1),
+        "p50_ms": result.p50_ms,
+        "p99_ms": result.p99_ms,
+        "errors": result.errors,
+        "cpu_us_per_request": round(used / result.requests * 1e6, 1) if result.requests else None,
+        "problem": result.problem,
+    }
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -191,8 +209,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--prefix-routing", default="{}", help="gateway.prefix_routing, YAML flow: '{epsilon: 1.0}'"
     )
+    parser.add_argument(
+        "--router-policies", nargs="*", default=list(ROUTER_POLICIES),
+        help="vllm-router policies to run in front of the same stubs (none without --peers-venv or "
+        "vllm-router on PATH)",
+    )  # fmt: skip
+    parser.add_argument("--peers-venv", type=Path, help="virtual environment holding vllm-router")
     parser.add_argument("--json-out", type=Path)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if find_peer("vllm-router", args.peers_venv) is None:
+        args.router_policies = []
+    return args
+
+
+def ratios(gateway: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """vpool's throughput over each vllm-router's, per vpool policy, from the same run."""
+    out = {}
+    for ours in POLICIES:
+        for theirs in (f"vllm-router-{p}" for p in ROUTER_POLICIES):
+            if ours in gateway and theirs in gateway and gateway[theirs]["rps"]:
+                out[f"vpool {ours} / {theirs}"] = round(gateway[ours]["rps"] / gateway[theirs]["rps"], 2)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,15 +251,18 @@ def main(argv: list[str] | None = None) -> int:
         out["gateway"] = gateway
         print(f"gateway (wrk -c{args.concurrency}, {args.duration} s):")
         print(
-            f"  {'policy':18} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'CPU µs/req':>10} errors"
+            f"  {'system':28} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'CPU µs/req':>10} errors"
             "  shares of 200"
         )
         for name, r in gateway.items():
             print(
-                f"  {name:18} {r['rps']:8.1f} {r['p50_ms']:7.2f} {r['p99_ms']:7.2f} "
-                f"{r['cpu_us_per_request'] or 0:10.1f} {r['errors']:6}  {r['shares_of_200']}"
+                f"  {name:28} {r['rps']:8.1f} {r['p50_ms']:7.2f} {r['p99_ms']:7.2f} "
+                f"{r['cpu_us_per_request'] or 0:10.1f} {r['errors']:6}  {r.get('shares_of_200', '-')}"
                 + (f"  ({r['problem']})" if r["problem"] else "")
             )
+        out["ratios"] = ratios(gateway)
+        for label, ratio in out["ratios"].items():
+            print(f"  {label:44} {ratio:.2f}x")
     if args.json_out:
         args.json_out.write_text(json.dumps(out, indent=2))
     return 0

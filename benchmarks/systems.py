@@ -75,7 +75,7 @@ def _get_json(url: str) -> object:
         return json.loads(response.read())
 
 
-def _lists_model(base_url: str) -> bool:
+def lists_model(base_url: str) -> bool:
     try:
         listing = _get_json(base_url + "/v1/models")
     except (OSError, ValueError):
@@ -99,7 +99,7 @@ def start_backend(
         argv += ["--event-delay-ms", str(event_delay_ms)]
     process = group.start("stub", argv, cpu)
     url = f"http://127.0.0.1:{port}"
-    wait_until(process, lambda: _lists_model(url), 30.0, "serving")
+    wait_until(process, lambda: lists_model(url), 30.0, "serving")
     return Running("direct", url, process.pid, process)
 
 
@@ -115,7 +115,7 @@ def start_system(name: str, launch: Launch) -> Running:
         process, url = _start_litellm(launch)
     else:
         raise ValueError(f"unknown system {name}")
-    wait_until(process, lambda: _lists_model(url), STARTUP_TIMEOUT_S[name], f"listing `{MODEL}`")
+    wait_until(process, lambda: lists_model(url), STARTUP_TIMEOUT_S[name], f"listing `{MODEL}`")
     return Running(name, url, process.pid, process)
 
 
@@ -224,18 +224,35 @@ def _peer(name: str, launch: Launch) -> Path:
 
 
 def _start_vllm_router(launch: Launch) -> tuple[Process, str]:
-    port, metrics_port = free_ports(2, launch.port_base)
+    backends = [launch.backend.base_url]
+    return start_vllm_router(launch.group, backends, launch.cpu, launch.port_base, launch.peers_venv)
+
+
+def start_vllm_router(
+    group: ProcessGroup,
+    worker_urls: list[str],
+    cpu: int | None,
+    port_base: int,
+    peers_venv: Path | None,
+    policy: str = "round_robin",
+    name: str = "vllm-router",
+) -> tuple[Process, str]:
+    """vllm-router in front of `worker_urls` with `policy` (prefix_cost.py runs `cache_aware`)."""
+    executable = find_peer("vllm-router", peers_venv)
+    if executable is None:
+        raise StartupError("vllm-router is not installed")
+    port, metrics_port = free_ports(2, port_base)
     argv = [
-        str(_peer("vllm-router", launch)),
-        "--worker-urls", launch.backend.base_url,
-        "--policy", "round_robin",
+        str(executable),
+        "--worker-urls", *worker_urls,
+        "--policy", policy,
         "--host", "127.0.0.1", "--port", str(port),
         # Its default Prometheus port is fixed (29000): taken if two runs share a machine.
         "--prometheus-port", str(metrics_port),
         "--worker-startup-check-interval", "1",
         "--log-level", "warning",
     ]  # fmt: skip
-    return launch.group.start("vllm-router", argv, launch.cpu), f"http://127.0.0.1:{port}"
+    return group.start(name, argv, cpu), f"http://127.0.0.1:{port}"
 
 
 def _start_litellm(launch: Launch) -> tuple[Process, str]:
