@@ -46,6 +46,7 @@ import httpx
 import yaml
 from engines import VPOOL, EngineWorker, forget_prefix, start_engine_worker
 from processes import ProcessGroup, free_ports, wait_until
+from stats import interpolated_percentile
 
 from vpool.worker.tiny_model import ensure_tiny_chat_model
 
@@ -68,13 +69,7 @@ class Phase:
     seconds: float = 0.0
 
     def percentile(self, q: float, direct: bool = False) -> float:
-        values = sorted(self.direct_ms if direct else self.ttft_ms)
-        if not values:
-            return float("nan")
-        rank = q / 100 * (len(values) - 1)
-        low = int(rank)
-        high = min(low + 1, len(values) - 1)
-        return values[low] + (values[high] - values[low]) * (rank - low)
+        return interpolated_percentile(self.direct_ms if direct else self.ttft_ms, q)
 
     @property
     def flood_rps(self) -> float:

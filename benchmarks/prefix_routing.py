@@ -58,6 +58,7 @@ import httpx
 import yaml
 from engines import VPOOL, EngineWorker, forget_prefix, start_engine_worker
 from processes import ProcessGroup, free_ports, wait_until
+from stats import interpolated_percentile
 
 from vpool.worker.tiny_model import make_sized_chat_model, token_counter
 
@@ -176,13 +177,7 @@ class Cell:
     reset: bool = False
 
     def pct(self, what: str, q: float) -> float:
-        values = sorted(getattr(r, what) for r in self.results)
-        if not values:
-            return float("nan")
-        rank = q / 100 * (len(values) - 1)
-        low = int(rank)
-        high = min(low + 1, len(values) - 1)
-        return values[low] + (values[high] - values[low]) * (rank - low)
+        return interpolated_percentile((getattr(r, what) for r in self.results), q)
 
     @property
     def rps(self) -> float:
