@@ -321,7 +321,7 @@ def fleet(
                 "controller": {"port": controller_port, "registration_token": TOKEN},
                 "models": [{"name": MODEL, "model": str(model_dir), "replicas": 0}],
                 "cache_dir": str(work / "cache"),
-                "gateway": {"refresh_interval_s": 0.5},
+                "gateway": {"refresh_interval_s": 0.5, "prefix_routing": yaml.safe_load(args.prefix_routing)},
             }
         )
     )
@@ -584,6 +584,9 @@ def main() -> None:
         help="each engine's KV cache, in tokens (kv_cache_memory_bytes)",
     )
     parser.add_argument("--max-num-seqs", type=int, default=8)
+    parser.add_argument(
+        "--prefix-routing", default="{}", help="gateway.prefix_routing, YAML flow: '{by_conversation: true}'"
+    )
     parser.add_argument("--prompts", type=int, default=4, help="system prompts (shared, hot)")
     parser.add_argument("--users", type=int, default=8, help="users per system prompt")
     parser.add_argument("--turns", type=int, default=6, help="turns before a user starts a new conversation")

@@ -54,6 +54,11 @@ class PrefixRoutingSettings(BaseModel):
     # outstanding count: 0.25 keeps a hot prefix's spill to few workers (more cache reuse)
     # while the busiest worker's queue stays within a quarter of the mean.
     epsilon: float = Field(0.25, gt=0, le=10)
+    # Chat only: also hash the conversation's first user message, so that conversations on
+    # one long system prompt spread over the workers (each keeps its own history on one)
+    # instead of all following their system prompt to one worker. For a few system prompts
+    # that every worker's cache holds; off when there are more than a cache holds.
+    by_conversation: bool = False
 
 
 class KeyConfig(BaseModel):

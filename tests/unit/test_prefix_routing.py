@@ -130,6 +130,37 @@ def test_a_growing_conversation_keeps_its_key() -> None:
     assert len(keys) == 1 and None not in keys
 
 
+BY_CONVERSATION = PrefixKeying(block_chars=32, prefix_blocks=2, by_conversation=True)
+
+
+def test_by_conversation_two_users_on_one_system_prompt_get_two_keys() -> None:
+    alice = BY_CONVERSATION.key("chat", chat(("system", SYSTEM), ("user", "Bonjour, I am Alice.")))
+    bob = BY_CONVERSATION.key("chat", chat(("system", SYSTEM), ("user", "Hello, Bob here, a question.")))
+    assert alice is not None and bob is not None and alice != bob
+    # Text parts count as the string does: the same conversation, however it is sent.
+    parts = [{"type": "text", "text": "Bonjour, "}, {"type": "text", "text": "I am Alice."}]
+    assert BY_CONVERSATION.key("chat", chat(("system", SYSTEM), ("user", parts))) == alice
+
+
+def test_by_conversation_a_growing_conversation_keeps_its_key_and_its_system_prompt_counts() -> None:
+    turns: list[tuple[str, Any]] = [("system", SYSTEM), ("user", "Tell me about the moon.")]
+    keys = set()
+    for n in range(5):
+        keys.add(BY_CONVERSATION.key("chat", chat(*turns)))
+        turns += [("assistant", f"answer number {n} " * 5), ("user", f"and question {n}?")]
+    assert len(keys) == 1 and None not in keys
+    other = BY_CONVERSATION.key("chat", chat(("system", OTHER_SYSTEM), ("user", "Tell me about the moon.")))
+    assert other not in keys
+
+
+def test_by_conversation_keeps_no_key_under_one_block_and_the_blocks_key_with_no_user() -> None:
+    assert BY_CONVERSATION.key("chat", chat(("user", "hi"))) is None
+    system_only = chat(("system", SYSTEM))
+    assert BY_CONVERSATION.key("chat", system_only) == KEYING.key("chat", system_only) is not None
+    completion = {"model": MODEL, "prompt": SYSTEM}  # completions have no conversation
+    assert BY_CONVERSATION.key("completions", completion) == KEYING.key("completions", completion)
+
+
 def test_a_prompt_under_one_block_and_routes_without_a_prompt_have_no_key() -> None:
     assert KEYING.key("chat", chat(("user", "hi"))) is None
     assert KEYING.key("embeddings", {"model": MODEL, "input": SYSTEM}) is None
@@ -327,6 +358,9 @@ def test_prefix_routing_settings_have_their_defaults_and_make_the_policy() -> No
     policy = make_policy(g.routing, g.prefix_routing)
     assert isinstance(policy, PrefixAffinity)
     assert policy.keying == PrefixKeying(256, 8) and policy.epsilon == 0.25
+    assert not g.prefix_routing.by_conversation
+    on = GatewaySettings(routing="prefix", prefix_routing={"by_conversation": True})
+    assert make_policy(on.routing, on.prefix_routing).keying == PrefixKeying(256, 8, True)
 
 
 @pytest.mark.parametrize("epsilon", ["0", "-0.5", "many"])

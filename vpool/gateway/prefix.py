@@ -45,6 +45,8 @@ class PrefixKeying:
 
     block_chars: int
     prefix_blocks: int
+    # Chat: the key also covers the first user message (see `conversation_key`).
+    by_conversation: bool = False
 
     @property
     def limit(self) -> int:
@@ -57,6 +59,8 @@ class PrefixKeying:
             return None
         if route == "chat":
             text = chat_layout(data, self.limit)
+            if self.by_conversation and text is not None:
+                return conversation_key(self.key_of(text), data, self.limit)
         elif route == "completions":
             text = completion_layout(data, self.limit)
         else:
@@ -95,6 +99,23 @@ def chat_layout(data: dict[str, Any], limit: int) -> str | None:
             size = _add(parts, _json(calls, limit), size)
         size = _add(parts, _MESSAGE_END, size)
     return "".join(parts)[:limit]
+
+
+def conversation_key(key: int | None, data: dict[str, Any], limit: int) -> int | None:
+    """`key` chained with the first user message's first `limit` characters.
+
+    Every turn of a conversation repeats its first user message, so the conversation keeps
+    one key as it grows, while two conversations on the same system prompt get two keys.
+    A prompt under one block keeps no key (None), and one with no user message its own.
+    """
+    if key is None:
+        return None
+    for message in data["messages"]:
+        if isinstance(message, dict) and message.get("role") == "user":
+            parts: list[str] = []
+            _add_content(parts, message.get("content"), 0, limit)
+            return zlib.crc32("".join(parts)[:limit].encode("utf-8", "surrogatepass"), key)
+    return key
 
 
 def completion_layout(data: dict[str, Any], limit: int) -> str | None:

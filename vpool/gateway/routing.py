@@ -216,7 +216,8 @@ def _mix64(x: int) -> int:
 
 def _prefix_policy(settings: PrefixRoutingSettings | None) -> RoutingPolicy:
     settings = settings or PrefixRoutingSettings()
-    return PrefixAffinity(PrefixKeying(settings.block_chars, settings.prefix_blocks), settings.epsilon)
+    keying = PrefixKeying(settings.block_chars, settings.prefix_blocks, settings.by_conversation)
+    return PrefixAffinity(keying, settings.epsilon)
 
 
 # Keys are the values `gateway.routing` accepts (`RoutingName` in vpool/config.py).
