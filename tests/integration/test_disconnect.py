@@ -15,13 +15,19 @@ from tests.integration.conftest import API_KEY
 
 pytestmark = pytest.mark.integration
 
-# Long enough that the generation would run for seconds if nobody aborted it.
+# Long enough that the generation would run for seconds if nobody aborted it. The test
+# fleet serves max_model_len 1024, so the steps are few: eight sequences with top-20
+# logprobs make each step dearer, else a fast machine finishes them all within a second.
 LONG = {
     "model": "tiny-chat",
     "messages": [{"role": "user", "content": "hi"}],
-    "max_tokens": 1000,  # the test fleet serves max_model_len 1024
+    "max_tokens": 1000,
+    "n": 8,
+    "logprobs": True,
+    "top_logprobs": 20,
     "ignore_eos": True,
 }
+ASKED_TOKENS = LONG["max_tokens"] * LONG["n"]
 # The engine must go idle this soon after the client left (0.13 s median, 0.3 s at most
 # over 16 departures here); the generation itself would take several seconds more.
 IDLE_WITHIN_S = 1.0
@@ -79,8 +85,8 @@ def _wait_until_generating(before: dict[str, float], limit_s: float = 30.0) -> s
 def _assert_aborted(worker_url: str, before: float) -> None:
     """The engine stopped early: it generated fewer tokens than the request asked for."""
     generated = _generated(worker_url) - before
-    assert 0 < generated < LONG["max_tokens"], (
-        f"the engine generated {generated:.0f} of {LONG['max_tokens']} tokens: it was not aborted"
+    assert 0 < generated < ASKED_TOKENS, (
+        f"the engine generated {generated:.0f} of {ASKED_TOKENS} tokens: it was not aborted"
     )
 
 
@@ -104,7 +110,8 @@ def test_stream_client_leaving_aborts_the_generation(fleet, http: httpx.Client) 
             seen.append(line)
             if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
                 break  # text is flowing
-        assert _unfinished(worker_url) == 1, (
+        # vLLM runs each of the n sequences as a request of its own.
+        assert _unfinished(worker_url) == LONG["n"], (
             f"{resp.headers['x-vpool-worker']} should be generating for us; all: {_everyone(fleet)}"
             f" {workers}; tokens generated since we asked: "
             f"{ {url: _generated(url) - count for url, count in before.items()} }; the stream so far: {seen}"
@@ -127,6 +134,8 @@ def test_non_stream_client_giving_up_aborts_the_generation(fleet) -> None:
     with socket.create_connection((gateway.hostname, gateway.port), timeout=10) as client:
         client.sendall(request)
         busy = _wait_until_generating(before)
+        # Generating for this request, not finishing some other one: n sequences are running.
+        assert _unfinished(busy) == LONG["n"], f"all: {_everyone(fleet)}"
         # The client gives up (a timeout, a closed tab): it closes the connection unanswered.
     assert _seconds_until_idle(busy) < IDLE_WITHIN_S
     _assert_aborted(busy, before[busy])

@@ -425,8 +425,12 @@ def test_external_server_registered_at_run_time_is_written_back_after_redis_rest
         fleet.redis.restart()
         wait_for(lambda: "ext" in fleet.admin_workers(), HEAL_TIMEOUT_S, "ext back in the registry")
         assert fleet.admin_workers()["ext"]["state"] == "READY"
-        wait_for(lambda: fleet.health()["status"] == "ok", HEAL_TIMEOUT_S, "gateway healthy again")
-        assert fleet.health()["models"]["ext-model"] == 1
+        # The controller wrote ext back; the gateway routes to it again on a later refresh.
+        wait_for(
+            lambda: fleet.health()["models"].get("ext-model") == 1,
+            HEAL_TIMEOUT_S,
+            "gateway routing to ext again",
+        )
         assert fleet.http.delete(fleet.controller_url + "/v1/workers/ext").status_code == 200
         wait_for(lambda: "ext-model" not in fleet.health()["models"], 3, "ext out of routing")
 
