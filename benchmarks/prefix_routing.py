@@ -73,8 +73,18 @@ SHORT = {"round_robin": "RR", "least_outstanding": "LO", "prefix": "prefix"}
 # --- the model ------------------------------------------------------------------------------
 
 
-def kv_bytes_per_token(layers: int, kv_heads: int) -> int:
-    return 2 * layers * kv_heads * 64 * 2  # K and V, head_dim 64, bfloat16
+def engine_dtype() -> str:
+    """What the workers run the model in (`--dtype auto`): bfloat16 where the CPU has it,
+    else float32 (see vpool/worker/model_source.py `pick_dtype`)."""
+    from vpool.worker.vllm_adapter import cpu_has_bf16
+
+    return "bfloat16" if cpu_has_bf16() else "float32"
+
+
+def kv_bytes_per_token(layers: int, kv_heads: int, dtype: str) -> int:
+    """K and V of head_dim 64, in the engine's dtype: a float32 engine needs twice the bytes
+    for the same `--kv-tokens`."""
+    return 2 * layers * kv_heads * 64 * (4 if dtype == "float32" else 2)
 
 
 # --- traffic --------------------------------------------------------------------------------
@@ -327,7 +337,7 @@ def fleet(
     )
     env = {"VPOOL_REGISTRATION_TOKEN": TOKEN}
     vpool = VPOOL
-    kv_bytes = args.kv_tokens * kv_bytes_per_token(args.layers, args.kv_heads)
+    kv_bytes = args.kv_tokens * kv_bytes_per_token(args.layers, args.kv_heads, engine_dtype())
     workers = {f"bench-w{i}": f"http://127.0.0.1:{p}" for i, p in enumerate(worker_ports)}
     gateways = {policy: f"http://127.0.0.1:{p}" for policy, p in zip(POLICIES, gateway_ports, strict=True)}
     try:
@@ -497,7 +507,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     began = time.monotonic()
     model_dir = make_sized_chat_model(work, args.hidden, args.layers, args.kv_heads, args.max_len)
     words = Words(model_dir)
-    print(f"  text: {words.chars_per_token:.2f} characters a token", flush=True)
+    print(f"  text: {words.chars_per_token:.2f} characters a token; engines in {engine_dtype()}", flush=True)
     with fleet(args, work, model_dir) as (gateways, worker_urls):
         print(f"  fleet up after {time.monotonic() - began:.0f} s", flush=True)
         calib = asyncio.run(calibrate(next(iter(worker_urls.values())), args, words))
@@ -548,6 +558,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                     )
     summary = report(cells, calib, args, list(worker_urls))
     summary["wall_s"] = time.monotonic() - began
+    summary["engine_dtype"] = engine_dtype()
     print(f"wall time {summary['wall_s']:.0f} s")
     return summary
 
