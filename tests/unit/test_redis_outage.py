@@ -540,3 +540,46 @@ async def test_workers_the_registry_lost_stay_routable_for_one_expiry_window_onl
     assert fleet.retained == []
     assert fleet.choose(MODEL).worker_id == "a"
     assert fleet.ready_count(MODEL) == 1
+
+
+async def test_a_redis_restarted_between_two_refreshes_is_an_outage_not_an_empty_fleet(
+    fleet: SplitFleet,
+) -> None:
+    """redis-py reconnects without a word, so no call fails across a quick restart: the
+    registry reads Redis's run_id and says so once, and the gateway keeps its workers."""
+    registry = RedisRegistry.from_url(
+        fleet.redis.url, key_prefix=f"restart-{uuid.uuid4().hex[:8]}", timeout_s=REGISTRY_TIMEOUT_S
+    )
+    view = Fleet(registry, make_policy("round_robin"), set(), 0.05, expiry_window_s=5.0)
+    record = WorkerRecord(worker_id="w", url="http://127.0.0.1:9", models=[MODEL], state=WorkerState.READY)
+    try:
+        await registry.put(record, 60)
+        await view.refresh()
+        assert view.ready_count(MODEL) == 1
+        fleet.redis.restart()
+        await _reconnect(registry)
+        with pytest.raises(RegistryUnavailable, match="restarted"):
+            await registry.list_workers()
+        assert await registry.list_workers() == []  # said once; the restarted Redis is empty
+
+        await registry.put(record, 60)
+        await view.refresh()
+        fleet.redis.restart()
+        await _reconnect(registry)
+        await view.refresh()  # the restart, seen as an outage: the snapshot stays
+        assert not view.registry_ok and view.ready_count(MODEL) == 1
+        await view.refresh()  # back, empty: w stays routable while it registers again
+        assert view.registry_ok and view.ready_count(MODEL) == 1
+        assert [w.worker_id for w in view.retained] == ["w"]
+    finally:
+        await registry.close()
+
+
+async def _reconnect(registry: RedisRegistry) -> None:
+    """Some other call meets the closed connection first (at most one fails), as a
+    worker's heartbeat or the gateway's announcement may; the pool is on the new server."""
+    for _ in range(2):
+        with contextlib.suppress(RegistryUnavailable):
+            await registry.get("w")
+            return
+    await registry.get("w")

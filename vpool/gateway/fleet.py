@@ -10,7 +10,9 @@ refresh in between would empty the fleet at once. So for one expiry window (the 
 TTL, plus one refresh) from the registry's return, a worker this gateway last saw READY and
 the registry no longer lists is kept in routing: `retained`, and `/health` says degraded.
 A worker that re-registers is the registry's again; one that has not by the end of the
-window (it died during the outage) leaves routing then.
+window (it died during the outage) leaves routing then. A restart quick enough that no call
+failed is reported by the Redis registry as one failed listing (its run_id changed), so it
+opens the same window.
 """
 
 from __future__ import annotations

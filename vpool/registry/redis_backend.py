@@ -51,6 +51,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.typing import EncodableT, FieldT
 
+from vpool.registry.protocol import RegistryUnavailable
 from vpool.registry.records import GatewayRecord, JobRecord, WorkerLoad, WorkerRecord, WorkerState
 from vpool.registry.redis_client import bounded, redis_client
 
@@ -97,6 +98,7 @@ class RedisRegistry:
         self._jobs = f"{key_prefix}:jobs"
         self._gateways = f"{key_prefix}:announced-gateways"
         self._where = _describe(client)
+        self._run_id = ""  # the Redis server's run_id at the last listing: it changes on a restart
         self._heartbeat = client.register_script(_HEARTBEAT_LUA)
         self._set_state = client.register_script(_SET_STATE_LUA)
         self._prune = client.register_script(_PRUNE_LUA)
@@ -145,8 +147,19 @@ class RedisRegistry:
                 await pipe.execute()
 
     async def list_workers(self) -> list[WorkerRecord]:
-        """Every live record, in no particular order; prunes ids whose hash expired."""
+        """Every live record, in no particular order; prunes ids whose hash expired.
+
+        A Redis that restarted between two calls is reported unavailable once: redis-py
+        reconnects silently, and the empty listing that follows would look like every
+        worker gone. Said as an outage, it lets a gateway keep the workers it knew while
+        they register again (see vpool/gateway/fleet.py)."""
         async with self._bounded("list_workers"):
+            run_id = str((await self._client.info("server")).get("run_id", ""))
+            restarted, self._run_id = bool(self._run_id) and run_id != self._run_id, run_id
+            if restarted:
+                raise RegistryUnavailable(
+                    f"redis registry at {self._where} restarted (a new run_id): its records may be lost"
+                )
             ids = sorted(_text(i) for i in await self._client.smembers(self._index))
             if not ids:
                 return []
