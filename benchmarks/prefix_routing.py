@@ -313,7 +313,7 @@ def workers_ready(urls: list[str]) -> bool:
 
 @contextlib.contextmanager
 def fleet(
-    args: argparse.Namespace, work: Path, model_dir: Path
+    args: argparse.Namespace, work: Path, model_dir: Path, dtype: str
 ) -> Iterator[tuple[dict[str, str], dict[str, str]]]:
     """({policy: gateway URL}, {worker id: worker URL}); all stopped on the way out."""
     prefix = f"vpool-bench-pr-{uuid.uuid4().hex[:8]}"
@@ -337,7 +337,7 @@ def fleet(
     )
     env = {"VPOOL_REGISTRATION_TOKEN": TOKEN}
     vpool = VPOOL
-    kv_bytes = args.kv_tokens * kv_bytes_per_token(args.layers, args.kv_heads, engine_dtype())
+    kv_bytes = args.kv_tokens * kv_bytes_per_token(args.layers, args.kv_heads, dtype)
     workers = {f"bench-w{i}": f"http://127.0.0.1:{p}" for i, p in enumerate(worker_ports)}
     gateways = {policy: f"http://127.0.0.1:{p}" for policy, p in zip(POLICIES, gateway_ports, strict=True)}
     try:
@@ -507,8 +507,9 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     began = time.monotonic()
     model_dir = make_sized_chat_model(work, args.hidden, args.layers, args.kv_heads, args.max_len)
     words = Words(model_dir)
-    print(f"  text: {words.chars_per_token:.2f} characters a token; engines in {engine_dtype()}", flush=True)
-    with fleet(args, work, model_dir) as (gateways, worker_urls):
+    dtype = engine_dtype()
+    print(f"  text: {words.chars_per_token:.2f} characters a token; engines in {dtype}", flush=True)
+    with fleet(args, work, model_dir, dtype) as (gateways, worker_urls):
         print(f"  fleet up after {time.monotonic() - began:.0f} s", flush=True)
         calib = asyncio.run(calibrate(next(iter(worker_urls.values())), args, words))
         print(
@@ -558,7 +559,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                     )
     summary = report(cells, calib, args, list(worker_urls))
     summary["wall_s"] = time.monotonic() - began
-    summary["engine_dtype"] = engine_dtype()
+    summary["engine_dtype"] = dtype
     print(f"wall time {summary['wall_s']:.0f} s")
     return summary
 

@@ -154,13 +154,18 @@ class RedisRegistry:
         worker gone. Said as an outage, it lets a gateway keep the workers it knew while
         they register again (see vpool/gateway/fleet.py)."""
         async with self._bounded("list_workers"):
-            run_id = str((await self._client.info("server")).get("run_id", ""))
-            restarted, self._run_id = bool(self._run_id) and run_id != self._run_id, run_id
+            async with self._client.pipeline(transaction=False) as pipe:  # one round trip
+                pipe.info("server")
+                pipe.smembers(self._index)
+                server, members = await pipe.execute()
+            run_id = str(server.get("run_id", ""))
+            restarted = bool(self._run_id) and run_id != self._run_id
+            self._run_id = run_id
             if restarted:
                 raise RegistryUnavailable(
                     f"redis registry at {self._where} restarted (a new run_id): its records may be lost"
                 )
-            ids = sorted(_text(i) for i in await self._client.smembers(self._index))
+            ids = sorted(_text(i) for i in members)
             if not ids:
                 return []
             async with self._client.pipeline(transaction=False) as pipe:
