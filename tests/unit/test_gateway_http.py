@@ -149,6 +149,8 @@ def test_body_over_the_limit_is_413_when_its_length_is_declared(
     resp = http.post(gw.url + CHAT, content=chat_body(padding="x" * 2000))
     error = assert_openai_error(resp, 413)
     assert "1024" in error["message"]
+    # Part of the body may be unread: the connection is not used again.
+    assert resp.headers["connection"] == "close"
     assert stub.count == 0
 
 
@@ -161,6 +163,7 @@ def test_body_over_the_limit_is_413_when_it_is_sent_chunked(
     resp = http.post(gw.url + CHAT, content=iter([body[:600], body[600:]]))
     assert "content-length" not in resp.request.headers
     assert_openai_error(resp, 413)
+    assert resp.headers["connection"] == "close"
     assert stub.count == 0
 
 

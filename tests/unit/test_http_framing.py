@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import httptools
@@ -250,6 +251,28 @@ def _team_feed(app: FastAPI) -> None:
             yield b"two\n"
 
         return StreamingResponse(lines(), media_type="text/plain")
+
+
+def _team_raw_feed(app: FastAPI) -> None:
+    """A team's raw ASGI app with no length, whose last body message leaves `more_body`
+    out (ASGI's default: the last one) and whose head sends no headers at all."""
+
+    async def raw(scope: dict[str, object], receive: object, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200})
+        await send({"type": "http.response.body", "body": b"one\n", "more_body": True})
+        await send({"type": "http.response.body", "body": b"two\n"})
+
+    app.mount("/team/raw", raw)
+
+
+def test_http_1_0_client_gets_a_raw_asgi_answer_whole_then_the_close(start_gateway: GatewayFactory) -> None:
+    gw = start_gateway(customize=_team_raw_feed)
+    with _connect(gw) as sock:
+        sock.sendall(_get(b"/team/raw/", version=b"1.0"))
+        raw = _read_to_eof(sock)  # a close that never came would time out here
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"connection: close" in head.lower()
+    assert body == b"one\ntwo\n"
 
 
 @pytest.mark.parametrize("path", [b"/health", b"/team/feed"], ids=["sized", "streamed"])
@@ -569,3 +592,21 @@ def test_a_workers_close_delimited_stream_reaches_the_client_complete(start_gate
             resp = http.post(gw.url + "/v1/chat/completions", content=_body(stream=True))
     assert resp.status_code == 200
     assert resp.content == events
+
+
+def test_a_large_body_over_the_limit_is_read_to_its_end_so_the_client_sees_the_413(
+    start_gateway: GatewayFactory, stub: StubWorker
+) -> None:
+    """Without `Expect: 100-continue` the client sends its whole body before it reads:
+    closing with the body unread would reset the connection, and the 413 with it."""
+    gw = start_gateway(max_body_bytes=1024)
+    gw.add_worker(stub)
+    body = _body(padding="x" * (4 * 1024 * 1024))  # far beyond what the sockets buffer
+    with contextlib.closing(_connect(gw)) as sock:
+        sock.sendall(_request(body))  # a reset here would be a BrokenPipeError
+        raw = _read_to_eof(sock)
+    answer = _Answer(raw)
+    assert answer.status == 413 and answer.complete
+    assert answer.headers[b"connection"] == b"close"
+    assert json.loads(answer.body)["error"]["code"] == "request_too_large"
+    assert stub.count == 0

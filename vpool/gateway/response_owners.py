@@ -52,10 +52,10 @@ class ResponseOwners:
         if isinstance(answer, dict) and isinstance(answer.get("id"), str):
             self.remember(answer["id"], worker_id)
 
-    def learn_from_events(self, data: bytes, worker_id: str) -> bool:
-        """A stream's first events: remember the id in `response.created`; True if found."""
+    def learn_from_events(self, data: bytes, worker_id: str) -> None:
+        """A stream's first events: remember the id in its `response.created` event."""
         if _CREATED_EVENT not in data:
-            return False
+            return
         for line in data.split(b"\n"):
             if not line.startswith(b"data:") or _CREATED_EVENT not in line:
                 continue
@@ -66,8 +66,7 @@ class ResponseOwners:
             response = event.get("response") if isinstance(event, dict) else None
             if isinstance(response, dict) and isinstance(response.get("id"), str):
                 self.remember(response["id"], worker_id)
-                return True
-        return False
+                return
 
     def owner(self, response_id: str) -> str | None:
         return self._owners.get(response_id)
