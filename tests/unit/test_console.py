@@ -263,3 +263,27 @@ def test_the_fleet_api_lists_the_workers_when_only_the_jobs_cannot_be_read(
     view = resp.json()
     assert view["registry"] == "unavailable" and view["jobs"] == []
     assert [w["worker_id"] for w in view["workers"]] == ["kept-1"]
+
+
+def test_the_fleet_api_marks_the_ejected_worker_and_only_it(
+    gateway: GatewayHandle, stub: StubWorker, http: httpx.Client
+) -> None:
+    gateway.clear()
+    gateway.add_worker(stub, worker_id="healthy", max_model_len=4096)
+    gateway.add_worker(stub, worker_id="failing", max_model_len=4096)
+    ejector = gateway.state.fleet.ejector
+
+    async def fail_until_ejected() -> None:
+        while not ejector.failed("failing"):
+            pass
+
+    gateway.server.call(fail_until_ejected())
+    view = http.get(gateway.url + FLEET).json()
+    workers = {w["worker_id"]: w for w in view["workers"]}
+    assert (workers["failing"]["ejected"], workers["healthy"]["ejected"]) == (True, False)
+    # Neither was lost by the registry, and no request of this gateway is on either.
+    assert [(w["retained"], w["inflight"]) for w in workers.values()] == [(False, 0), (False, 0)]
+    (model,) = [m for m in view["models"] if m["name"] == MODEL]
+    assert model["max_model_len"] == 4096
+    assert 0 <= view["last_refresh_age_s"] < 5
+    gateway.clear()

@@ -75,6 +75,18 @@ class _Answer:
         self.complete = True
 
 
+def _read_one(sock: socket.socket) -> tuple[bytes, bytes]:
+    """One content-length framed response from a connection left open: (head, body)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+    while len(rest) < length:
+        rest += sock.recv(65536)
+    return head, rest
+
+
 def _responses(raw: bytes) -> list[tuple[bytes, bytes]]:
     """Split content-length framed responses: [(head, body), ...]."""
     out = []
@@ -155,17 +167,24 @@ def test_a_refusal_is_well_formed_http_with_a_date_and_says_why(gateway: Gateway
     assert error["code"] == "malformed_http" and error["message"]
 
 
-def test_keep_alive_connection_serves_requests_one_after_another(gateway: GatewayHandle) -> None:
+@pytest.mark.parametrize(
+    "first",
+    [_body(), json.dumps({"model": "no-such-model", "messages": []}).encode(), b"{not json"],
+    ids=["answer", "no-worker", "refused-before-routing"],
+)
+def test_keep_alive_connection_serves_requests_one_after_another(
+    gateway: GatewayHandle, first: bytes
+) -> None:
+    """After an answer, or an error the gateway gave itself (a 404 with no worker tried, a
+    400 before routing), the connection serves the next request."""
     with _connect(gateway) as sock:
-        for _ in range(3):
+        sock.sendall(_request(first))
+        head, _ = _read_one(sock)
+        expected = {_body(): b"200", b"{not json": b"400"}.get(first, b"404")
+        assert head.startswith(b"HTTP/1.1 " + expected)
+        for _ in range(2):
             sock.sendall(_request(_body()))
-            data = b""
-            while b"\r\n\r\n" not in data:
-                data += sock.recv(65536)
-            head, _, rest = data.partition(b"\r\n\r\n")
-            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-            while len(rest) < length:
-                rest += sock.recv(65536)
+            head, rest = _read_one(sock)
             assert head.startswith(b"HTTP/1.1 200")
             assert json.loads(rest)["object"] == "chat.completion"
 
