@@ -28,6 +28,7 @@ from tests.unit.conftest import (
     assert_openai_error,
 )
 from vpool.gateway.data_routes import MODEL_ROUTES
+from vpool.gateway.upstream import Origin
 from vpool.registry.records import WorkerRecord
 
 
@@ -273,3 +274,31 @@ def test_a_lookup_left_unanswered_when_another_worker_held_the_response_closes_i
     while _connections_to(slow.server.port) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _connections_to(slow.server.port) == 0, "the cancelled lookup kept its connection open"
+
+
+def test_a_worker_behind_a_path_prefix_is_reached_under_it(
+    gateway: GatewayHandle, stub: StubWorker, http: httpx.Client
+) -> None:
+    """A worker registered as `http://host:port/team-a/` (behind a reverse proxy, say)."""
+    gateway.clear()
+    gateway.add_worker(stub.url + "/team-a/")
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    resp = http.post(gateway.url + "/v1/chat/completions?tag=1", json=body)
+    assert resp.status_code == 200
+    assert resp.json()["path"] == "/team-a/v1/chat/completions"
+    gateway.clear()
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("http://10.0.0.7:8000", ("10.0.0.7", 8000, False, b"10.0.0.7:8000", b"")),
+        ("http://worker.internal", ("worker.internal", 80, False, b"worker.internal", b"")),
+        ("https://worker.example/llm/", ("worker.example", 443, True, b"worker.example", b"/llm")),
+        ("https://worker.example:8443/a/b", ("worker.example", 8443, True, b"worker.example:8443", b"/a/b")),
+        ("http://[::1]:9000/", ("::1", 9000, False, b"[::1]:9000", b"")),
+    ],
+)
+def test_a_worker_url_gives_where_to_connect_and_what_to_send(url: str, expected: tuple[object, ...]) -> None:
+    origin = Origin.parse(url)
+    assert (origin.host, origin.port, origin.tls, origin.host_header, origin.base_path) == expected
