@@ -273,11 +273,10 @@ def test_the_fleet_api_marks_the_ejected_worker_and_only_it(
     gateway.add_worker(stub, worker_id="failing", max_model_len=4096)
     ejector = gateway.state.fleet.ejector
 
-    async def fail_until_ejected() -> None:
-        while not ejector.failed("failing"):
-            pass
+    async def fail_until_ejected() -> bool:
+        return [ejector.failed("failing") for _ in range(ejector.after_failures)][-1]
 
-    gateway.server.call(fail_until_ejected())
+    assert gateway.server.call(fail_until_ejected())
     view = http.get(gateway.url + FLEET).json()
     workers = {w["worker_id"]: w for w in view["workers"]}
     assert (workers["failing"]["ejected"], workers["healthy"]["ejected"]) == (True, False)
